@@ -1,0 +1,60 @@
+"""Classification and distillation losses.
+
+Balanced Softmax Cross-Entropy (Jodelet, Liu and Murata): ``CE(z + log n, y)`` where ``n`` counts
+the samples of each class in the current step's training set. The log-prior is a training-time
+term only; prediction uses the raw logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """``log n_j``, with ``-inf`` for a class with no sample this step.
+
+    ``-inf`` removes the class from the softmax, so new data neither pushes its logit down nor
+    receives gradient through it (the memory-free setting).
+    """
+    counts = counts.to(torch.float32)
+    if (counts < 0).any():
+        raise ValueError("class counts must be non-negative")
+    return torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))
+
+
+def balanced_softmax_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor
+) -> torch.Tensor:
+    """BSCE given ``prior = log_prior(counts)`` (precomputed once per step, not per batch)."""
+    return F.cross_entropy(logits + prior, targets)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, targets)
+
+
+def logit_distillation(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the teacher's classes.
+
+    ``T^2`` keeps the gradient scale independent of the temperature (Hinton et al.).
+    """
+    t = temperature
+    student = F.log_softmax(student_logits / t, dim=1)
+    teacher = F.log_softmax(teacher_logits / t, dim=1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * (t * t)
+
+
+def feature_distillation(
+    student_features: torch.Tensor, teacher_features: torch.Tensor
+) -> torch.Tensor:
+    """LUCIR's less-forget constraint: 1 - cos between L2-normalised features."""
+    return (1.0 - F.cosine_similarity(student_features, teacher_features, dim=1)).mean()
+
+
+def distillation_weight(weight: float | str, old_classes: int, seen_classes: int) -> float:
+    if weight == "adaptive":
+        return old_classes / seen_classes if seen_classes else 0.0
+    return float(weight)

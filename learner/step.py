@@ -1,0 +1,295 @@
+"""One incremental step: train on new data plus exemplars, then select the new memory.
+
+The recipe: BSCE (or CE, the baseline) on the step's training set, logit distillation from the
+frozen previous version, optional feature distillation, no separate bias-correction stage.
+The function is pure in its inputs: the caller's model and memory are left untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel
+
+from learner.augment import Normalizer, random_crop_flip
+from learner.config import StepConfig
+from learner.evaluate import class_means_from_features, infer
+from learner.exemplars import ExemplarMemory, herding, random_selection
+from learner.losses import (
+    balanced_softmax_cross_entropy,
+    cross_entropy,
+    distillation_weight,
+    feature_distillation,
+    log_prior,
+    logit_distillation,
+)
+from learner.model import IncrementalNet
+from learner.protocols import quota_per_class
+
+# Below this size a step's training set is copied to an accelerator once, so that batches
+# are gathered there instead of crossing the bus every iteration.
+_ON_DEVICE_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class StepData:
+    """The new data of a step: uint8 images (N, C, H, W) and their class indices (label-map
+    order). Classes already known to the model may appear: they are trained as old classes with
+    new data."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"step images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError("step labels must be int64 with one label per image")
+        if self.images.shape[0] == 0:
+            raise ValueError("a step needs at least one image")
+        if int(self.labels.min()) < 0:
+            raise ValueError("class indices must be non-negative")
+
+
+class StepReport(BaseModel):
+    step_classes: list[int]
+    old_classes: int
+    seen_classes: int
+    counts: list[int]
+    distill_weight: float
+    epochs: int
+    images_trained: int
+    loss_per_epoch: list[float]
+    train_seconds: float
+    train_images_per_second: float
+    feature_seconds: float
+    herding_seconds: float
+    class_mean_seconds: float
+    selection_seconds: float
+    wall_seconds: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    model: IncrementalNet
+    memory: ExemplarMemory
+    counts: torch.Tensor  # int64 (seen,): samples per class trained on this step
+    class_means: torch.Tensor | None  # (seen, d), NaN rows for classes without exemplars
+    report: StepReport
+
+
+def _lr_factor(config: StepConfig, progress: float) -> float:
+    o = config.optim
+    if o.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if o.schedule == "multistep":
+        return 0.1 ** sum(progress >= m for m in o.milestones)
+    return 1.0
+
+
+def _prepare(model: IncrementalNet, device: torch.device) -> IncrementalNet:
+    model = model.to(device)
+    if model.config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def train_step(
+    model: IncrementalNet,
+    data: StepData,
+    memory: ExemplarMemory,
+    config: StepConfig,
+    *,
+    device: torch.device,
+    generator: torch.Generator,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+) -> StepResult:
+    """Train ``model`` on ``data`` plus ``memory``; return the next version and its memory.
+
+    ``on_epoch(epoch, epochs, mean_loss)`` reports progress (progress bars, job status).
+    """
+    start = time.perf_counter()
+    old = model.num_classes
+    seen = max(old, int(data.labels.max()) + 1)
+    step_classes = sorted(int(c) for c in data.labels.unique())
+
+    student = copy.deepcopy(model).cpu()
+    student.grow(seen, generator)
+    student = _prepare(student, device)
+    teacher = None
+    if config.distill.enabled and old > 0:
+        teacher = _prepare(copy.deepcopy(model), device).eval().requires_grad_(False)
+
+    replay = memory.training_set()
+    images, labels = data.images, data.labels
+    if replay is not None:
+        images, labels = torch.cat([images, replay[0]]), torch.cat([labels, replay[1]])
+    counts = torch.bincount(labels, minlength=seen)
+    if device.type != "cpu" and images.numel() < _ON_DEVICE_BYTES:
+        images, labels = images.to(device), labels.to(device)
+
+    prior = log_prior(counts).to(device)
+    lam = distillation_weight(config.distill.weight, old, seen) if teacher is not None else 0.0
+    losses = _train(
+        student, teacher, images, labels, prior, lam, old, config, device, generator, on_epoch
+    )
+    train_seconds = time.perf_counter() - start
+    images_trained = config.optim.epochs * int(labels.shape[0])
+
+    new_memory, class_means, timings = update_memory(
+        student, data, memory, seen, config, device, generator
+    )
+    student.eval()
+    report = StepReport(
+        step_classes=step_classes,
+        old_classes=old,
+        seen_classes=seen,
+        counts=counts.tolist(),
+        distill_weight=lam,
+        epochs=config.optim.epochs,
+        images_trained=images_trained,
+        loss_per_epoch=losses,
+        train_seconds=train_seconds,
+        train_images_per_second=images_trained / train_seconds,
+        wall_seconds=time.perf_counter() - start,
+        **timings,
+    )
+    return StepResult(student, new_memory, counts, class_means, report)
+
+
+def _train(
+    student: IncrementalNet,
+    teacher: IncrementalNet | None,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    prior: torch.Tensor,
+    lam: float,
+    old: int,
+    config: StepConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    on_epoch: Callable[[int, int, float], None] | None,
+) -> list[float]:
+    o, d = config.optim, config.distill
+    student.train()
+    optimizer = torch.optim.SGD(
+        student.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+    )
+    n = int(labels.shape[0])
+    batches = math.ceil(n / o.batch_size)
+    total = o.epochs * batches
+    # The augmentation draws on the training device; its seed comes from the step's generator
+    # so one seed still fixes the whole run.
+    aug_gen = torch.Generator(device=device)
+    aug_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    normalize = Normalizer(config.augment, device, student.config.channels_last)
+    use_bsce = config.method == "bsce"
+    losses = []
+    for epoch in range(o.epochs):
+        order = torch.randperm(n, generator=generator).to(labels.device)
+        running = torch.zeros((), device=device)
+        for b in range(batches):
+            for group in optimizer.param_groups:
+                group["lr"] = o.lr * _lr_factor(config, (epoch * batches + b) / total)
+            idx = order[b * o.batch_size : (b + 1) * o.batch_size]
+            x = images[idx].to(device, non_blocking=True)
+            y = labels[idx].to(device, non_blocking=True)
+            x = normalize(random_crop_flip(x, config.augment, aug_gen))
+            logits, feats = student.forward_with_features(x)
+            if use_bsce:
+                loss = balanced_softmax_cross_entropy(logits, y, prior)
+            else:
+                loss = cross_entropy(logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits, t_feats = teacher.forward_with_features(x)
+                kd = logit_distillation(logits[:, :old], t_logits, d.temperature)
+                loss = (1.0 - lam) * loss + lam * kd
+                if d.feature_weight > 0:
+                    loss = loss + d.feature_weight * feature_distillation(feats, t_feats)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
+        losses.append(float(running) / batches)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, o.epochs, losses[-1])
+    return losses
+
+
+def update_memory(
+    student: IncrementalNet,
+    data: StepData,
+    memory: ExemplarMemory,
+    seen: int,
+    config: StepConfig,
+    device: torch.device,
+    generator: torch.Generator,
+) -> tuple[ExemplarMemory, torch.Tensor | None, dict[str, float]]:
+    quota = quota_per_class(config.memory.mode, config.memory.size, seen)
+    timings = {"feature_seconds": 0.0, "herding_seconds": 0.0, "class_mean_seconds": 0.0}
+    if quota == 0:
+        timings["selection_seconds"] = 0.0
+        return ExemplarMemory(), None, timings
+
+    step_classes = sorted(int(c) for c in data.labels.unique())
+    # Candidates of a class posted again are its new images plus its current exemplars.
+    cand_images, cand_labels = [data.images], [data.labels]
+    for c in step_classes:
+        if c in memory.images:
+            cand_images.append(memory.images[c])
+            cand_labels.append(torch.full((memory.images[c].shape[0],), c, dtype=torch.int64))
+    cand_x, cand_y = torch.cat(cand_images), torch.cat(cand_labels)
+
+    t = time.perf_counter()
+    feats = None
+    if config.memory.selection == "herding":
+        _, feats = infer(
+            student, cand_x, config.augment, device=device, batch_size=config.eval_batch_size
+        )
+    timings["feature_seconds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    selected: dict[int, torch.Tensor] = {}
+    selected_feats: dict[int, torch.Tensor] = {}
+    for c in step_classes:
+        members = (cand_y == c).nonzero().squeeze(1)
+        if feats is not None:
+            pick = members[herding(feats[members], quota)]
+            selected_feats[c] = feats[pick]
+        else:
+            pick = members[random_selection(members.shape[0], quota, generator)]
+        selected[c] = cand_x[pick].clone()
+    timings["herding_seconds"] = time.perf_counter() - t
+
+    kept = {c: x for c, x in memory.shrink(quota).images.items() if c not in selected}
+    new_memory = ExemplarMemory({**kept, **selected})
+
+    t = time.perf_counter()
+    means = torch.full((seen, student.feature_dim), float("nan"))
+    if kept:
+        old_x = torch.cat(list(kept.values()))
+        _, old_feats = infer(
+            student, old_x, config.augment, device=device, batch_size=config.eval_batch_size
+        )
+        offset = 0
+        for c, x in kept.items():
+            means[c] = class_means_from_features(old_feats[offset : offset + x.shape[0]])
+            offset += x.shape[0]
+    for c, x in selected.items():
+        f = selected_feats.get(c)
+        if f is None:
+            _, f = infer(
+                student, x, config.augment, device=device, batch_size=config.eval_batch_size
+            )
+        means[c] = class_means_from_features(f)
+    timings["class_mean_seconds"] = time.perf_counter() - t
+    timings["selection_seconds"] = timings["feature_seconds"] + timings["herding_seconds"]
+    return new_memory, means, timings

@@ -1,0 +1,367 @@
+"""Update jobs on a Redis Stream, and the transaction that ends a learning step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+from storage import (
+    ExemplarStore,
+    JobQueue,
+    JobStateError,
+    JobTooLargeError,
+    JobValidationError,
+    Storage,
+    UnknownJobError,
+    next_announcement,
+)
+from storage.keys import JOB_GROUP
+from tests.test_storage_support import (  # noqa: F401  (fixtures are used by name)
+    TEST_REDIS_URL,
+    fixture_embedded_redis,
+    fixture_machine_redis,
+    fixture_prefix,
+    fixture_r,
+    images,
+    prefix_keys,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")
+
+
+def _stream_len(q: JobQueue) -> int:
+    return int(q.r.xlen(q.keys.jobs_stream))
+
+
+def test_submit_claim_complete(r: redis.Redis, prefix: str) -> None:
+    q = JobQueue(r, prefix)
+    t0 = time.time()
+    jid = q.submit(images(3, 1), ["cat", "dog", "cat"], {"epochs": 2})
+    st = q.status(jid)
+    assert (st.state, st.num_samples, st.classes, st.attempts, st.overrides) == (
+        "queued",
+        3,
+        ["cat", "dog"],
+        0,
+        {"epochs": 2},
+    )
+    assert st.submitted.timestamp() >= t0 - 1 and st.started is None and st.version is None
+
+    job = q.claim("w1", block_ms=0)
+    assert job is not None and job.id == jid and job.attempts == 1
+    assert np.array_equal(job.samples, images(3, 1)) and job.labels == ["cat", "dog", "cat"]
+    q.mark_running(jid)
+    assert q.status(jid).state == "running" and q.status(jid).started is not None
+    assert q.pending() == 1
+    q.complete(jid, version=4)
+    st = q.status(jid)
+    assert (st.state, st.version, st.error) == ("done", 4, None) and st.finished >= st.started
+    assert q.pending() == 0 and q.claim("w1", block_ms=0) is None
+    assert not r.exists(q.keys.job_samples(jid))  # samples go once the job is done
+    q.complete(jid, version=4)  # idempotent
+    with pytest.raises(JobStateError):
+        q.complete(jid, version=5)
+    assert q.counts_by_state() == {"queued": 0, "running": 0, "done": 1, "failed": 0}
+    assert [s.id for s in q.list(10)] == [jid]
+
+
+def test_concurrent_submissions_none_lost_in_order(r: redis.Redis, prefix: str) -> None:
+    q = JobQueue(r, prefix)
+    posted: list[tuple[int, int, str]] = []
+
+    def producer(p: int) -> None:
+        own = JobQueue(r, prefix)
+        for seq in range(8):
+            jid = own.submit(images(1, p * 100 + seq), [f"c{p}"], {"producer": p, "seq": seq})
+            posted.append((p, seq, jid))
+
+    threads = [threading.Thread(target=producer, args=(p,)) for p in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    claimed: list[str] = []
+    while (job := q.claim("w1", block_ms=0)) is not None:
+        claimed.append(job.id)
+        q.complete(job.id, version=len(claimed))
+    assert sorted(claimed) == sorted(jid for _, _, jid in posted)  # none lost, none twice
+    # Claimed in the order the submissions committed (the stream's order) ...
+    stream_order = [json.loads(r.hget(q.keys.job(j), "overrides")) for j in claimed]
+    entries = [e[1][b"job_id"].decode() for e in r.xrange(q.keys.jobs_stream)]
+    assert claimed == entries
+    # ... hence each producer's jobs in the order it posted them.
+    for p in range(4):
+        assert [o["seq"] for o in stream_order if o["producer"] == p] == list(range(8))
+
+
+def test_dead_worker_job_is_reclaimed_and_completes_once(r: redis.Redis, prefix: str) -> None:
+    q = JobQueue(r, prefix)
+    a = q.submit(images(2, 1), ["a", "a"])
+    b = q.submit(images(2, 2), ["b", "b"])
+    job = q.claim("w1", block_ms=0, min_idle_ms=300)
+    assert job is not None and job.id == a
+    q.mark_running(a)  # ... and w1 dies here, never acknowledging
+
+    # While w1 might still be alive, nobody else gets a job: not a, and not the newer b.
+    t = time.monotonic()
+    assert q.claim("w2", block_ms=100, min_idle_ms=300) is None
+    assert time.monotonic() - t >= 0.09
+    job2 = q.claim("w2", block_ms=2000, min_idle_ms=300)
+    assert job2 is not None and job2.id == a and job2.attempts == 2
+    assert q.status(a).attempts == 2
+    q.complete(a, version=1)
+    with pytest.raises(JobStateError):  # the zombie's late result is refused
+        q.complete(a, version=2)
+    assert q.status(a).version == 1
+
+    nxt = q.claim("w2", block_ms=0, min_idle_ms=300)
+    assert nxt is not None and nxt.id == b  # then the next one, in order
+    q.complete(b, version=2)
+    assert q.claim("w1", block_ms=0, min_idle_ms=0) is None  # a is never handed out again
+    assert q.counts_by_state()["done"] == 2
+
+
+def test_three_failures_mark_failed_and_stay_inspectable(r: redis.Redis, prefix: str) -> None:
+    q = JobQueue(r, prefix)
+    jid = q.submit(images(1, 1), ["x"])
+    other = q.submit(images(1, 2), ["y"])
+    for attempt in (1, 2, 3):
+        job = q.claim("w1", block_ms=0)
+        assert job is not None and job.id == jid and job.attempts == attempt  # retried first
+        q.mark_running(jid)
+        state = q.fail(jid, f"boom {attempt}")
+        assert state == ("failed" if attempt == 3 else "queued")
+    st = q.status(jid)
+    assert (st.state, st.attempts, st.error) == ("failed", 3, "boom 3") and st.finished is not None
+    assert 0 < r.ttl(q.keys.job_samples(jid)) <= 7 * 24 * 3600  # kept a while for inspection
+    with pytest.raises(JobStateError):
+        q.fail(jid, "again")
+    with pytest.raises(JobStateError):
+        q.complete(jid, 3)
+    job = q.claim("w1", block_ms=0)
+    assert job is not None and job.id == other
+    # "other" is claimed but not marked running: still queued.
+    assert q.counts_by_state() == {"queued": 1, "running": 0, "done": 0, "failed": 1}
+
+
+def test_job_whose_worker_dies_three_times_is_failed(r: redis.Redis, prefix: str) -> None:
+    q = JobQueue(r, prefix)
+    jid = q.submit(images(1, 1), ["x"])
+    for w in ("w1", "w2", "w3"):
+        job = q.claim(w, block_ms=0, min_idle_ms=0)
+        assert job is not None and job.id == jid
+    assert q.claim("w4", block_ms=0, min_idle_ms=0) is None
+    st = q.status(jid)
+    assert st.state == "failed" and "3 attempts" in (st.error or "") and q.pending() == 0
+
+
+def test_release_hands_the_job_on_without_spending_an_attempt(r: redis.Redis, prefix: str) -> None:
+    q = JobQueue(r, prefix)
+    jid = q.submit(images(1, 1), ["x"])
+    assert q.claim("w1", block_ms=0, min_idle_ms=60_000) is not None
+    q.mark_running(jid)
+    q.release(jid)  # e.g. SIGTERM before the step finished
+    assert q.status(jid).state == "queued"
+    job = q.claim("w2", block_ms=0, min_idle_ms=60_000)  # at once, despite the long timeout
+    assert job is not None and job.id == jid and job.attempts == 1
+
+
+def test_blocking_claim_wakes_on_submit(r: redis.Redis, prefix: str) -> None:
+    q = JobQueue(r, prefix)
+    timer = threading.Timer(0.2, lambda: JobQueue(r, prefix).submit(images(1, 1), ["x"]))
+    timer.start()
+    t = time.monotonic()
+    job = q.claim("w1", block_ms=5000)
+    timer.join()
+    assert job is not None and time.monotonic() - t < 2.0
+
+
+def test_oversized_job_writes_nothing(r: redis.Redis, prefix: str) -> None:
+    q = JobQueue(r, prefix, max_job_bytes=10_000)
+    q.submit(images(10, 1), ["x"] * 10)  # 1,920 bytes: fine
+    before = prefix_keys(r, prefix), _stream_len(q)
+    with pytest.raises(JobTooLargeError, match="limit is 10000 bytes") as e:
+        q.submit(images(60, 1), ["x"] * 60)
+    assert isinstance(e.value, ValueError)
+    assert (prefix_keys(r, prefix), _stream_len(q)) == before
+
+
+@pytest.mark.parametrize(
+    "samples, labels, overrides, fragment",
+    [
+        (images(2, 1).astype(np.int16), ["a", "b"], None, "dtype uint8"),
+        (images(2, 1)[:, 0], ["a", "b"], None, "4 dimensions"),
+        (images(2, 1, chw=(3, 9, 8)), ["a", "b"], None, r"\(3, 8, 8\)"),
+        (np.zeros((0, 3, 8, 8), np.uint8), [], None, "empty"),
+        (images(2, 1), ["a"], None, "one label per sample"),
+        (images(2, 1), "ab", None, "sequence"),
+        (images(2, 1), ["a", " b"], None, "whitespace"),
+        (images(2, 1), ["a", "b"], {"lr": object()}, "JSON"),
+        (images(2, 1), ["a", "b"], ["lr"], "dict"),
+        (images(2, 1).tolist(), ["a", "b"], None, "numpy array"),
+    ],
+)
+def test_bad_job_writes_nothing(
+    r: redis.Redis, prefix: str, samples: object, labels: object, overrides: object, fragment: str
+) -> None:
+    q = JobQueue(r, prefix, sample_shape=(3, 8, 8))
+    before = prefix_keys(r, prefix), _stream_len(q)
+    with pytest.raises(ValueError, match=fragment):
+        q.submit(samples, labels, overrides)  # type: ignore[arg-type]
+    assert (prefix_keys(r, prefix), _stream_len(q)) == before
+
+
+def test_unknown_job(r: redis.Redis, prefix: str) -> None:
+    q = JobQueue(r, prefix)
+    before = prefix_keys(r, prefix)
+    for call in (
+        lambda: q.status("nope"),
+        lambda: q.mark_running("nope"),
+        lambda: q.complete("nope", 1),
+        lambda: q.fail("nope", "x"),
+        lambda: q.release("nope"),
+    ):
+        with pytest.raises(UnknownJobError, match="no job with id 'nope'") as e:
+            call()
+        assert isinstance(e.value, KeyError)
+    assert prefix_keys(r, prefix) == before
+    with pytest.raises(JobValidationError):
+        q.claim("")
+
+
+# -- the end of a learning step -----------------------------------------------------------
+
+
+@pytest.fixture
+def storage(r: redis.Redis, prefix: str, tmp_path: Path) -> Storage:
+    return Storage(r, prefix, bentoml_home=tmp_path / "bentoml")
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((3,), float(seed))}
+
+
+def test_commit_step_is_one_transaction(storage: Storage) -> None:
+    st = storage
+    st.versions.ensure_initial(lambda: (_weights(0), {}))
+    sub = st.versions.subscribe()
+    try:
+        jid = st.jobs.submit(images(4, 1), ["a", "a", "b", "b"])
+        job = st.jobs.claim("w1")
+        assert job is not None
+        st.jobs.mark_running(job.id)
+        memory = {0: images(2, 5), 1: images(2, 6)}
+        res = st.commit_step(job.id, st.versions.next_version(), _weights(1), {"step": 1}, memory)
+        assert (res.version, res.tag, res.served) == (1, "bsce-classifier:v1", True)
+        assert st.jobs.status(jid).state == "done" and st.jobs.status(jid).version == 1
+        assert st.exemplars.version() == 1 and st.exemplars.counts() == {0: 2, 1: 2}
+        assert st.versions.current() == 1 and st.versions.version_for_job(jid) == 1
+        a = next_announcement(sub, 2.0)
+        assert a is not None and (a.event, a.version, a.previous) == ("set", 1, 0)
+
+        # Pinned: the version and memory are saved, the pointer stays.
+        st.versions.pin(0)
+        next_announcement(sub, 2.0)
+        jid2 = st.jobs.submit(images(1, 2), ["c"])
+        assert st.jobs.claim("w1") is not None
+        res = st.commit_step(jid2, st.versions.next_version(), _weights(2), {}, {2: images(1, 7)})
+        assert (res.version, res.served) == (2, False)
+        assert st.versions.current() == 0 and st.exemplars.version() == 2
+        assert next_announcement(sub, 0.2) is None
+    finally:
+        sub.close()
+
+
+def test_commit_step_refuses_a_finished_job(storage: Storage) -> None:
+    st = storage
+    st.versions.ensure_initial(lambda: (_weights(0), {}))
+    jid = st.jobs.submit(images(1, 1), ["a"])
+    assert st.jobs.claim("w1", min_idle_ms=0) is not None
+    # w1 stalls; w2 takes the job over and finishes it.
+    assert st.jobs.claim("w2", min_idle_ms=0) is not None
+    st.commit_step(jid, 1, _weights(1), {}, {0: images(1, 3)})
+    # w1 wakes up: its version number is taken, and the job is done anyway.
+    with pytest.raises((JobStateError, ValueError)):
+        st.commit_step(jid, st.versions.next_version(), _weights(9), {}, {0: images(1, 9)})
+    assert [i.version for i in st.versions.list()] == [0, 1]
+    assert st.exemplars.version() == 1 and st.versions.current() == 1
+
+
+_KILLED_WORKER = textwrap.dedent(
+    """
+    import sys, time, torch
+    from storage import Storage, connect
+    st = Storage(connect(sys.argv[1], None), sys.argv[2], bentoml_home=sys.argv[3])
+    job = st.jobs.claim("doomed", block_ms=5000, min_idle_ms=500)
+    st.jobs.mark_running(job.id)
+    # Half a step: the version's files are written, nothing is committed.
+    st.versions.write(st.versions.next_version(), {"w": torch.zeros(3)}, {"job_id": job.id})
+    print("written", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_worker_killed_mid_job(machine_redis: redis.Redis, tmp_path: Path) -> None:
+    prefix = f"bsce-test-kill-{os.getpid()}"
+    home = tmp_path / "bentoml"
+    st = Storage(machine_redis, prefix, bentoml_home=home)
+    try:
+        st.versions.ensure_initial(lambda: (_weights(0), {}))
+        jid = st.jobs.submit(images(2, 1), ["a", "b"])
+        repo = Path(__file__).resolve().parents[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_WORKER, TEST_REDIS_URL, prefix, str(home)],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"written"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert st.jobs.status(jid).state == "running" and st.versions.next_version() == 1
+
+        job = st.jobs.claim("survivor", block_ms=5000, min_idle_ms=500)
+        assert job is not None and job.id == jid and job.attempts == 2
+        # The dead writer's save lock on version 1 is taken over by the job's next attempt.
+        assert machine_redis.exists(st.versions.keys.version_lock(1))
+        res = st.commit_step(job.id, st.versions.next_version(), _weights(1), {}, {0: images(1, 1)})
+        assert res.version == 1
+        assert [i.version for i in st.versions.list()] == [0, 1]  # exactly once
+        assert torch.equal(st.versions.load(1)[0]["w"], _weights(1)["w"])
+        assert r_pending(machine_redis, st) == 0 and st.jobs.status(jid).state == "done"
+    finally:
+        for k in prefix_keys(machine_redis, prefix):
+            machine_redis.delete(k)
+
+
+def r_pending(r: redis.Redis, st: Storage) -> int:
+    return int(r.xpending(st.jobs.keys.jobs_stream, JOB_GROUP)["pending"])
+
+
+def test_exemplar_store_and_jobs_share_nothing_across_prefixes(r: redis.Redis, prefix: str) -> None:
+    ExemplarStore(r, prefix).replace_all({0: images(1, 1)}, 1)
+    q = JobQueue(r, prefix)
+    q.submit(images(1, 1), ["a"])
+    other = prefix + "-other"
+    try:
+        assert ExemplarStore(r, other).read_all() == {}
+        assert JobQueue(r, other).claim("w", block_ms=0) is None
+    finally:
+        for k in prefix_keys(r, other):
+            r.delete(k)

@@ -1,0 +1,133 @@
+"""Fixtures and helpers shared by the storage tests (imported by tests/test_storage*.py).
+
+Fixtures are defined as ``fixture_<name>`` with ``name=<name>`` so that test modules can
+import them without shadowing the parameter names (the project keeps no conftest for us).
+
+Every test works under its own key prefix, so runs that share the machine's Redis database
+13 (or the embedded server) never see each other's keys; teardown deletes that prefix's
+keys only, never the whole database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from storage import close, connect
+
+TEST_REDIS_URL = os.environ.get("BSCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def prefix_keys(r: redis.Redis, prefix: str) -> set[bytes]:
+    return set(r.scan_iter(match=f"{prefix}:*", count=1000))
+
+
+def drop_prefix(r: redis.Redis, prefix: str) -> None:
+    keys = list(prefix_keys(r, prefix))
+    for i in range(0, len(keys), 500):
+        r.delete(*keys[i : i + 500])
+
+
+def images(n: int, seed: int, chw: tuple[int, int, int] = (3, 8, 8)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *chw), dtype=np.uint8)
+
+
+@pytest.fixture(name="machine_redis", scope="session")
+def fixture_machine_redis() -> Iterator[redis.Redis]:
+    r = connect(TEST_REDIS_URL)
+    try:
+        r.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {TEST_REDIS_URL}")
+    yield r
+    r.close()
+
+
+@pytest.fixture(name="embedded_redis", scope="session")
+def fixture_embedded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    r = connect(None, tmp_path_factory.mktemp("embedded"))
+    yield r
+    close(r)
+
+
+@pytest.fixture(name="r", params=["machine", "embedded"])
+def fixture_r(request: pytest.FixtureRequest) -> redis.Redis:
+    """Each test using it runs against the machine's Redis (db 13) and the embedded one."""
+    return request.getfixturevalue(f"{request.param}_redis")
+
+
+@pytest.fixture(name="prefix")
+def fixture_prefix(r: redis.Redis) -> Iterator[str]:
+    p = f"bsce-test-{uuid.uuid4().hex[:12]}"
+    yield p
+    drop_prefix(r, p)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisProcess:
+    """A redis-server of the test's own, persisting every write (AOF, fsync always)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        cmd = [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.workdir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.workdir / "redis.log"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port, socket_timeout=1).ping():
+                    # Loading a large AOF answers LOADING errors until done; ping waits it out.
+                    return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture(name="redis_process")
+def fixture_redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    rp = RedisProcess(tmp_path)
+    rp.start()
+    yield rp
+    rp.kill()
