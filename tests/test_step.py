@@ -120,8 +120,8 @@ def test_tiny_real_run_beats_an_accuracy_floor(subset):
         protocol, config, subset, [0, 1, 8, 9, 6, 7], seed=0, device=CPU, progress=False
     )
     m = result["metrics"]
-    print(result["cnn"]["accuracy_per_step"], m)
-    # Chance is 50% / 25% / 16.7% on the 2 / 4 / 6 classes seen; measured here about FIXME.
+    # Chance is 50% / 25% / 16.7% on the 2 / 4 / 6 classes seen; measured on this project's
+    # 2-core CPU (2026-11-27): 77.5 / 37.5 / 45.8 per step, 53.6 average.
     assert result["cnn"]["accuracy_per_step"][0] >= 65.0
     assert m["last_accuracy"] >= 30.0
     assert m["avg_incremental_accuracy"] >= 40.0
@@ -149,5 +149,5 @@ def test_bsce_beats_ce_on_old_classes_after_an_imbalanced_step(subset):
         )
         logits, _ = infer(second.model, test.images, config.augment, device=CPU)
         old_acc[method] = float((logits.argmax(1)[old] == test.labels[old]).float().mean() * 100)
-    print(old_acc)
+    # Measured (2026-11-27, 2-core CPU): BSCE 60.0% on the old classes, CE 0.0%.
     assert old_acc["bsce"] > old_acc["ce"] + 10, old_acc

@@ -42,6 +42,8 @@ from tests.test_storage_support import (  # noqa: F401  (fixtures are used by na
     prefix_keys,
 )
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")
+
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -249,7 +251,7 @@ def test_version_save_load_list(versions: VersionStore, tmp_path: Path) -> None:
     assert versions.save(0, t0, {"class_names": []}) == "bsce-classifier:v0"
     meta = {
         "class_names": ["cat", "dog"],
-        "counts": [500, 20],
+        "counts": np.array([500, 20]),  # numpy values are stored as their JSON values
         "parent_version": 0,
         "step": 1,
         "metrics": {"acc": 0.75, "forgetting": float("nan")},
@@ -421,3 +423,41 @@ def test_corrupt_weights_are_detected(versions: VersionStore) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(StorageError, match="digest"):
         versions.load(0)
+
+
+_SHARER = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("conn", sys.argv[1])
+conn = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(conn)  # just the connection module: no torch import, fast
+r = conn.connect(None, conn.Path(sys.argv[2]))
+r.incr("p:starts")
+print(r.pid, flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_embedded_server_is_shared_by_processes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    module = Path(__file__).resolve().parents[1] / "storage" / "connection.py"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SHARER, str(module), str(tmp_path), str(0.3 + 0.2 * i)],
+            stdout=subprocess.PIPE,
+        )
+        for i in range(3)
+    ]
+    pids = {int(p.communicate(timeout=60)[0]) for p in procs}
+    assert len(pids) == 1  # started at once, one server
+    (pid,) = pids
+    # The last process to exit stopped it, after saving.
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    r = connect(None, tmp_path)
+    try:
+        assert r.get("p:starts") == b"3" and r.pid != pid
+    finally:
+        close(r)

@@ -134,6 +134,24 @@ def test_dead_worker_job_is_reclaimed_and_completes_once(r: redis.Redis, prefix:
     assert q.counts_by_state()["done"] == 2
 
 
+def test_heartbeat_keeps_a_long_job(r: redis.Redis, prefix: str) -> None:
+    q = JobQueue(r, prefix)
+    q.submit(images(1, 1), ["x"])
+    job = q.claim("w1", min_idle_ms=300)
+    assert job is not None
+    for _ in range(5):  # a step longer than min_idle_ms, with heartbeats
+        time.sleep(0.1)
+        q.heartbeat(job, "w1")
+        assert q.claim("w2", block_ms=0, min_idle_ms=300) is None
+    taken = q.claim("w2", block_ms=2000, min_idle_ms=300)  # w1 went quiet
+    assert taken is not None and taken.id == job.id and taken.attempts == 2
+    with pytest.raises(JobStateError, match="taken over"):
+        q.heartbeat(job, "w1")  # w1 learns it lost the job
+    q.complete(job.id, 1)
+    with pytest.raises(JobStateError, match="no longer pending"):
+        q.heartbeat(taken, "w2")
+
+
 def test_three_failures_mark_failed_and_stay_inspectable(r: redis.Redis, prefix: str) -> None:
     q = JobQueue(r, prefix)
     jid = q.submit(images(1, 1), ["x"])
@@ -298,6 +316,7 @@ def test_commit_step_refuses_a_finished_job(storage: Storage) -> None:
         st.commit_step(jid, st.versions.next_version(), _weights(9), {}, {0: images(1, 9)})
     assert [i.version for i in st.versions.list()] == [0, 1]
     assert st.exemplars.version() == 1 and st.versions.current() == 1
+    assert len(st.versions.model_store.list("bsce-classifier")) == 2  # its files are gone
 
 
 _KILLED_WORKER = textwrap.dedent(

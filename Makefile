@@ -1,0 +1,28 @@
+.PHONY: setup run test lint format speed paper-claim
+
+setup:
+	scripts/setup.sh
+
+# The main job on the embedded defaults: a short protocol run on the bundled CIFAR-10 subset.
+run: setup
+	.venv/bin/python -m learner.bench --protocol cifar10-subset-b0-s5 --epochs 4 --out runs/demo
+
+test: setup
+	scripts/ensure_redis.sh
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/pytest -q
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format:
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+speed: setup
+	.venv/bin/python -m learner.speed
+
+paper-claim: setup
+	scripts/paper_claim.sh

@@ -1,0 +1,74 @@
+"""Errors raised by the storage layer.
+
+Every error is a `StorageError`; bad input is also a `ValueError` and an unknown id is also
+a `KeyError`, so callers (the HTTP layer) can map them to 4xx answers without knowing this
+module, and generic code that catches the builtin kinds keeps working.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Base class of everything this package raises on purpose."""
+
+
+class InvalidInputError(StorageError, ValueError):
+    """The caller passed something the store refuses; nothing was written."""
+
+
+class ExemplarValidationError(InvalidInputError):
+    """An exemplar memory of the wrong dtype, rank or image shape."""
+
+
+class LabelValidationError(InvalidInputError):
+    """A class name that is empty, too long, padded or not printable."""
+
+
+class JobValidationError(InvalidInputError):
+    """An update job with bad samples, labels or overrides."""
+
+
+class JobTooLargeError(JobValidationError):
+    """An update job over the size limit."""
+
+
+class MetadataError(InvalidInputError):
+    """Version metadata or tensors that cannot be stored."""
+
+
+class _NotFound(StorageError, KeyError):
+    # KeyError.__str__ quotes its argument; these carry sentences, so print them plainly.
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class UnknownJobError(_NotFound):
+    """No job with that id."""
+
+
+class UnknownVersionError(_NotFound):
+    """No saved model version with that number."""
+
+
+class UnknownLabelError(_NotFound):
+    """No class with that name in the label map."""
+
+
+class VersionExistsError(StorageError, ValueError):
+    """A version number that is already saved; versions are immutable."""
+
+
+class VersionLockedError(StorageError, RuntimeError):
+    """Another process is saving the same version number right now."""
+
+
+class PinnedError(StorageError, RuntimeError):
+    """The pointer is pinned; the operation needs an unpin first."""
+
+
+class NoPreviousVersionError(StorageError, LookupError):
+    """A rollback with no earlier version in the pointer history."""
+
+
+class JobStateError(StorageError, RuntimeError):
+    """A job operation that does not fit the job's state (e.g. completing a failed job)."""

@@ -1,0 +1,516 @@
+"""Update jobs: a Redis Stream with one consumer group, samples under their own keys.
+
+Life of a job::
+
+    submit ──> queued ──claim/mark_running──> running ──complete──> done (acked)
+                  ^                              │
+                  └────── fail (attempt < 3) ────┤
+                          release (SIGTERM)      └── fail on attempt 3 / died 3 times ──> failed (acked)
+
+Ordering. The group hands out at most one job at a time: `claim` gives the oldest
+unacknowledged job and nothing newer while that one is held by a live worker. One job is
+one incremental step, and step N+1 must start from the model of step N, so learners can
+never run two jobs at once anyway; a second worker is a hot standby that takes over a dead
+worker's job. Hence jobs are processed strictly in the order posted (the order their
+submissions committed), with one worker or several, including across retries and crashes.
+
+Liveness. A worker holds its job while it is idle less than the `min_idle_ms` that other
+workers pass to `claim`; a long step keeps it with `heartbeat`.
+
+Retries. A job's attempts are the deliveries counted by the stream's pending list. `fail`
+keeps the job pending (so the same worker's next `claim` retries it at once) until its
+third attempt, then marks it failed and acknowledges it. A worker that dies never calls
+`fail`; another worker (or the same one, restarted under its name) claims the job again
+after `min_idle_ms`, and a job delivered more than three times is marked failed unrun.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+import redis
+from pydantic import BaseModel
+
+from .arrays import check_images, from_bytes, header, to_bytes
+from .connection import default_prefix
+from .errors import (
+    JobStateError,
+    JobTooLargeError,
+    JobValidationError,
+    UnknownJobError,
+)
+from .keys import JOB_GROUP, Keys
+from .labels import validate_name
+
+JobState = Literal["queued", "running", "done", "failed"]
+STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed")
+
+DEFAULT_MAX_JOB_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_ATTEMPTS = 3
+# Samples of a failed job are kept for inspection this long, then Redis drops them.
+DEFAULT_FAILED_SAMPLES_TTL_S = 7 * 24 * 3600
+# Idle time given to a released job so that any worker's min_idle_ms is already passed;
+# well below "now" in ms, which Redis needs for IDLE to be honoured.
+_RELEASED_IDLE_MS = 2**31
+
+# One atomic step of `claim`: the oldest pending job if its holder is us or gone idle,
+# else nothing when someone holds it, else the next new job.
+_CLAIM = """
+local stream, group, me, min_idle = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local p = redis.call('XPENDING', stream, group, '-', '+', 1)
+if #p > 0 then
+  local id, owner, idle, n = p[1][1], p[1][2], tonumber(p[1][3]), tonumber(p[1][4])
+  if owner == me or idle >= min_idle then
+    local c = redis.call('XCLAIM', stream, group, me, 0, id)
+    if #c == 0 or not c[1] then
+      redis.call('XACK', stream, group, id)
+      return {'gone', id}
+    end
+    return {'job', id, c[1][2], n + 1}
+  end
+  return {'busy', id, owner, idle}
+end
+local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', 1, 'STREAMS', stream, '>')
+if r and r[1] and #r[1][2] > 0 then
+  local e = r[1][2][1]
+  return {'job', e[1], e[2], 1}
+end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local name, last = nil, nil
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  if name == group then return {'empty', last} end
+end
+return {'empty', '0-0'}
+"""
+
+_COMPLETE = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return {'unknown'} end
+if st == 'done' then return {'done', redis.call('HGET', KEYS[1], 'version') or ''} end
+if st == 'failed' then return {'failed'} end
+local sid = redis.call('HGET', KEYS[1], 'stream_id')
+if sid then redis.call('XACK', KEYS[3], ARGV[1], sid) end
+redis.call('HSET', KEYS[1], 'state', 'done', 'version', ARGV[2], 'finished', ARGV[3])
+redis.call('HDEL', KEYS[1], 'error')
+redis.call('DEL', KEYS[2])
+return {'ok'}
+"""
+
+_FAIL = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return {'unknown'} end
+if st == 'done' or st == 'failed' then return {'terminal', st} end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+local n = math.max(attempts, failures)
+if n >= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[2], 'finished', ARGV[3])
+  local sid = redis.call('HGET', KEYS[1], 'stream_id')
+  if sid then redis.call('XACK', KEYS[3], ARGV[1], sid) end
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  return {'failed', n}
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'error', ARGV[2])
+return {'queued', n}
+"""
+
+_MARK_RUNNING = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return 'unknown' end
+if st == 'done' or st == 'failed' then return st end
+redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[1])
+return 'ok'
+"""
+
+
+# Reset the idle time of a job we hold, so no other worker takes it over; refuse when it is
+# no longer ours (finished, or taken over after we were thought dead).
+_HEARTBEAT = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 then return 'not-pending' end
+if p[1][2] ~= ARGV[2] then return 'other' end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 'ok'
+"""
+
+
+class JobStatus(BaseModel):
+    """A job's status record, as `status` and `list` return it."""
+
+    id: str
+    state: JobState
+    submitted: datetime
+    started: datetime | None = None
+    finished: datetime | None = None
+    attempts: int = 0
+    version: int | None = None
+    error: str | None = None
+    num_samples: int
+    classes: list[str]
+    overrides: dict[str, Any] | None = None
+
+
+@dataclass
+class Job:
+    """A claimed job: what the learner needs to run it."""
+
+    id: str
+    samples: np.ndarray  # uint8 (N, C, H, W)
+    labels: list[str]  # one class name per sample
+    overrides: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 1  # this attempt's number, 1 on first delivery
+    stream_id: str = ""
+    submitted: datetime | None = None
+
+
+def _ts(v: bytes | None) -> datetime | None:
+    return None if v is None or v == b"" else datetime.fromtimestamp(float(v), tz=UTC)
+
+
+class JobQueue:
+    def __init__(
+        self,
+        r: redis.Redis,
+        prefix: str | None = None,
+        max_job_bytes: int = DEFAULT_MAX_JOB_BYTES,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        sample_shape: Sequence[int] | None = None,
+        failed_samples_ttl_s: int = DEFAULT_FAILED_SAMPLES_TTL_S,
+    ) -> None:
+        """`sample_shape`, when given, is the (C, H, W) every submitted image must have."""
+        self.r = r
+        self.keys = Keys(prefix or default_prefix())
+        self.max_job_bytes = int(max_job_bytes)
+        self.max_attempts = int(max_attempts)
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        self.failed_samples_ttl_s = int(failed_samples_ttl_s)
+        self._claim = r.register_script(_CLAIM)
+        self._complete = r.register_script(_COMPLETE)
+        self._fail = r.register_script(_FAIL)
+        self._mark_running = r.register_script(_MARK_RUNNING)
+        self._heartbeat = r.register_script(_HEARTBEAT)
+        self.ensure_group()
+
+    def ensure_group(self) -> None:
+        """Create the stream and its consumer group unless they exist (idempotent)."""
+        try:
+            self.r.xgroup_create(self.keys.jobs_stream, JOB_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    # -- producer side -------------------------------------------------------------------
+
+    def submit(
+        self,
+        samples: np.ndarray,
+        labels: Sequence[str],
+        overrides: dict[str, Any] | None = None,
+    ) -> str:
+        """Queue a job; its id. Raises `JobValidationError` / `JobTooLargeError`, writing nothing."""
+        check_images(samples, "samples", JobValidationError, chw=self.sample_shape)
+        if isinstance(labels, str) or not isinstance(labels, Sequence):
+            raise JobValidationError("labels must be a sequence of class names, one per sample")
+        labels = [validate_name(n) for n in labels]
+        if len(labels) != samples.shape[0]:
+            raise JobValidationError(
+                f"{samples.shape[0]} samples but {len(labels)} labels; one label per sample"
+            )
+        if overrides is not None and not isinstance(overrides, dict):
+            raise JobValidationError(f"overrides must be a dict, got {type(overrides).__name__}")
+        try:
+            overrides_json = json.dumps(overrides or {}, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise JobValidationError(f"overrides must be JSON-serialisable: {e}") from None
+        labels_json = json.dumps(labels)
+        size = samples.nbytes + len(labels_json) + len(overrides_json)
+        if size > self.max_job_bytes:
+            raise JobTooLargeError(
+                f"job is {size} bytes ({samples.shape[0]} samples), the limit is {self.max_job_bytes} bytes"
+            )
+
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        k = self.keys
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(
+            k.job_samples(job_id), mapping={"data": to_bytes(samples), "header": header(samples)}
+        )
+        pipe.hset(
+            k.job(job_id),
+            mapping={
+                "id": job_id,
+                "state": "queued",
+                "submitted": repr(now),
+                "attempts": 0,
+                "failures": 0,
+                "num_samples": samples.shape[0],
+                "classes": json.dumps(list(dict.fromkeys(labels))),
+                "labels": labels_json,
+                "overrides": overrides_json,
+            },
+        )
+        pipe.zadd(k.jobs_index, {job_id: now})
+        pipe.xadd(k.jobs_stream, {"job_id": job_id})
+        pipe.execute()
+        return job_id
+
+    # -- worker side ---------------------------------------------------------------------
+
+    def claim(self, consumer: str, block_ms: int = 0, min_idle_ms: int = 60_000) -> Job | None:
+        """The next job for `consumer`, waiting up to `block_ms` (0: don't wait); else None.
+
+        First the oldest unacknowledged job: ours (a retry after `fail`, or a restart under
+        the same consumer name) or another worker's that has been idle `min_idle_ms`
+        (that worker is taken for dead). While another worker holds it, nothing newer is
+        handed out. Then the next new job. A job's own worker must finish, `fail` or
+        `release` it within `min_idle_ms` or it is taken over.
+        """
+        if not consumer:
+            raise JobValidationError("consumer name must be non-empty")
+        deadline = time.monotonic() + max(0, block_ms) / 1000
+        stream = self.keys.jobs_stream
+        while True:
+            try:
+                reply = self._claim(keys=[stream], args=[JOB_GROUP, consumer, int(min_idle_ms)])
+            except redis.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                self.ensure_group()  # the stream was deleted under us (e.g. FLUSHDB)
+                continue
+            kind = reply[0]
+            if kind == b"job":
+                job = self._load(reply[1].decode(), reply[2], int(reply[3]))
+                if job is not None:
+                    return job
+                continue
+            if kind == b"gone":
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if kind == b"busy":
+                # Wake when the holder would count as dead, but poll so we notice its ack.
+                left = max(0.0, (min_idle_ms - int(reply[3])) / 1000)
+                time.sleep(min(remaining, max(left, 0.005), 0.1))
+            else:  # empty: wait for an entry after the last one handed out
+                # In slices of at most a second, so a client socket_timeout never trips.
+                wait_ms = max(1, min(1000, int(remaining * 1000)))
+                self.r.xread({stream: reply[1]}, count=1, block=wait_ms)
+
+    def _load(self, stream_id: str, fields: list[bytes], deliveries: int) -> Job | None:
+        entry = dict(zip(fields[::2], fields[1::2], strict=True))
+        job_id = entry.get(b"job_id", b"").decode()
+        k = self.keys
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hgetall(k.job(job_id))
+        pipe.hgetall(k.job_samples(job_id))
+        rec, smp = pipe.execute()
+        state = rec.get(b"state", b"").decode()
+        if not rec or state in ("done", "failed") or not smp:
+            # Finished (its ack was lost) or its records are gone: nothing to run.
+            if rec and state not in ("done", "failed"):
+                self._finish_failed(job_id, stream_id, "job samples are missing")
+            self.r.xack(k.jobs_stream, JOB_GROUP, stream_id)
+            return None
+        if deliveries > self.max_attempts:
+            self._finish_failed(
+                job_id,
+                stream_id,
+                f"worker stopped without finishing in each of {deliveries - 1} attempts"
+                + (f"; last error: {rec[b'error'].decode()}" if rec.get(b"error") else ""),
+            )
+            return None
+        self.r.hset(k.job(job_id), mapping={"attempts": deliveries, "stream_id": stream_id})
+        return Job(
+            id=job_id,
+            samples=from_bytes(smp[b"data"], smp[b"header"]),
+            labels=json.loads(rec[b"labels"]),
+            overrides=json.loads(rec.get(b"overrides", b"{}")),
+            attempts=deliveries,
+            stream_id=stream_id,
+            submitted=_ts(rec.get(b"submitted")),
+        )
+
+    def _finish_failed(self, job_id: str, stream_id: str, error: str) -> None:
+        k = self.keys
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(
+            k.job(job_id),
+            mapping={
+                "state": "failed",
+                "error": error,
+                "finished": repr(time.time()),
+                "stream_id": stream_id,
+            },
+        )
+        pipe.xack(k.jobs_stream, JOB_GROUP, stream_id)
+        pipe.pexpire(k.job_samples(job_id), self.failed_samples_ttl_s * 1000)
+        pipe.execute()
+
+    def heartbeat(self, job: Job, consumer: str) -> None:
+        """Tell the group that `consumer` is still working on `job` (resets its idle time).
+
+        A step longer than `min_idle_ms` must call this more often than that, or a standby
+        worker takes the job over. Raises `JobStateError` when the job is no longer ours
+        (finished, or taken over): the worker should then stop working on it.
+        """
+        res = self._heartbeat(
+            keys=[self.keys.jobs_stream], args=[JOB_GROUP, consumer, job.stream_id]
+        )
+        if res == b"other":
+            raise JobStateError(f"job {job.id} was taken over by another worker")
+        if res != b"ok":
+            raise JobStateError(f"job {job.id} is no longer pending")
+
+    def mark_running(self, job_id: str) -> None:
+        """Record that training started (state running, start time)."""
+        res = self._mark_running(keys=[self.keys.job(job_id)], args=[repr(time.time())])
+        if res == b"unknown":
+            raise UnknownJobError(f"no job with id {job_id!r}")
+        if res != b"ok":
+            raise JobStateError(f"job {job_id} is already {res.decode()}")
+
+    def complete(self, job_id: str, version: int) -> None:
+        """Acknowledge the job and mark it done with the `version` it produced.
+
+        Call only once that version is saved. Completing again with the same version is a
+        no-op; with another version, or after the job failed, it raises `JobStateError`.
+        """
+        k = self.keys
+        res = self._complete(
+            keys=[k.job(job_id), k.job_samples(job_id), k.jobs_stream],
+            args=[JOB_GROUP, int(version), repr(time.time())],
+        )
+        if res[0] == b"unknown":
+            raise UnknownJobError(f"no job with id {job_id!r}")
+        if res[0] == b"done" and res[1] != str(int(version)).encode():
+            raise JobStateError(f"job {job_id} is already done with version {res[1].decode()}")
+        if res[0] == b"failed":
+            raise JobStateError(f"job {job_id} has failed; it cannot be completed")
+
+    def _stage_complete(
+        self, pipe: redis.client.Pipeline, job_id: str, stream_id: bytes | None, version: int
+    ) -> None:
+        """Queue what `complete` does, for a caller's MULTI (the caller checked the state)."""
+        k = self.keys
+        if stream_id:
+            pipe.xack(k.jobs_stream, JOB_GROUP, stream_id)
+        pipe.hset(
+            k.job(job_id),
+            mapping={"state": "done", "version": int(version), "finished": repr(time.time())},
+        )
+        pipe.hdel(k.job(job_id), "error")
+        pipe.delete(k.job_samples(job_id))
+
+    def fail(self, job_id: str, error: str) -> JobState:
+        """Record a failed attempt; the job's new state (queued again, or failed for good)."""
+        k = self.keys
+        res = self._fail(
+            keys=[k.job(job_id), k.job_samples(job_id), k.jobs_stream],
+            args=[
+                JOB_GROUP,
+                str(error)[:10_000],
+                repr(time.time()),
+                self.max_attempts,
+                self.failed_samples_ttl_s * 1000,
+            ],
+        )
+        if res[0] == b"unknown":
+            raise UnknownJobError(f"no job with id {job_id!r}")
+        if res[0] == b"terminal":
+            raise JobStateError(f"job {job_id} is already {res[1].decode()}")
+        return "failed" if res[0] == b"failed" else "queued"
+
+    def release(self, job_id: str) -> None:
+        """Give a claimed job back unfinished (e.g. on SIGTERM) without spending an attempt.
+
+        Any worker may claim it at once; it keeps its place at the head of the queue.
+        """
+        k = self.keys
+        rec = self.r.hmget(k.job(job_id), ["state", "stream_id", "attempts"])
+        if rec[0] is None:
+            raise UnknownJobError(f"no job with id {job_id!r}")
+        if rec[0] in (b"done", b"failed") or rec[1] is None:
+            return
+        pending = self.r.xpending_range(k.jobs_stream, JOB_GROUP, rec[1], rec[1], 1)
+        if pending:
+            self.r.xclaim(
+                k.jobs_stream,
+                JOB_GROUP,
+                pending[0]["consumer"],
+                0,
+                [rec[1]],
+                idle=_RELEASED_IDLE_MS,
+                retrycount=max(0, int(rec[2] or 0) - 1),
+                justid=True,
+            )
+        self.r.hset(
+            k.job(job_id), mapping={"state": "queued", "attempts": max(0, int(rec[2] or 0) - 1)}
+        )
+
+    # -- inspection ----------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobStatus:
+        rec = self.r.hgetall(self.keys.job(job_id))
+        if not rec:
+            raise UnknownJobError(f"no job with id {job_id!r}")
+        return self._status(rec)
+
+    @staticmethod
+    def _status(rec: dict[bytes, bytes]) -> JobStatus:
+        def s(name: str) -> str | None:
+            v = rec.get(name.encode())
+            return None if v is None else v.decode()
+
+        version = s("version")
+        return JobStatus(
+            id=s("id") or "",
+            state=s("state"),  # type: ignore[arg-type]
+            submitted=_ts(rec.get(b"submitted")),  # type: ignore[arg-type]
+            started=_ts(rec.get(b"started")),
+            finished=_ts(rec.get(b"finished")),
+            attempts=int(s("attempts") or 0),
+            version=None if version in (None, "") else int(version),
+            error=s("error"),
+            num_samples=int(s("num_samples") or 0),
+            classes=json.loads(s("classes") or "[]"),
+            overrides=json.loads(s("overrides") or "{}") or None,
+        )
+
+    def list(self, limit: int = 50) -> builtins.list[JobStatus]:
+        """The newest `limit` jobs, newest first."""
+        ids = self.r.zrevrange(self.keys.jobs_index, 0, max(0, int(limit)) - 1) if limit > 0 else []
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self.keys.job(job_id.decode()))
+        return [self._status(rec) for rec in pipe.execute() if rec]
+
+    def counts_by_state(self) -> dict[str, int]:
+        ids = self.r.zrange(self.keys.jobs_index, 0, -1)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(self.keys.job(job_id.decode()), "state")
+        counts = dict.fromkeys(STATES, 0)
+        for st in pipe.execute():
+            if st is not None:
+                counts[st.decode()] = counts.get(st.decode(), 0) + 1
+        return counts
+
+    def pending(self) -> int:
+        """Jobs handed to a worker and not yet acknowledged (0 or 1, see the module doc)."""
+        info = self.r.xpending(self.keys.jobs_stream, JOB_GROUP)
+        return int(info["pending"])
+
+
+__all__ = ["Job", "JobQueue", "JobState", "JobStatus"]

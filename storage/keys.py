@@ -1,0 +1,123 @@
+"""The Redis key layout, in one place.
+
+Every key starts with the deployment prefix (`BSCE_PREFIX`, default ``bsce``), so several
+deployments or test runs can share one Redis database. With prefix ``P``:
+
+==========================  ======  ==========================================================
+key                         type    content
+==========================  ======  ==========================================================
+P:mem:data                  hash    class index -> raw exemplar bytes (C order)
+P:mem:shapes                hash    class index -> JSON {"dtype": "uint8", "shape": [n,c,h,w]}
+P:mem:counts                hash    class index -> n
+P:mem:meta                  hash    version, updated (epoch s), num_classes, total_bytes
+P:labels:index              hash    class name -> index
+P:labels:names              list    class names in index order
+P:jobs                      stream  one entry per update job: {job_id}; group ``learners``
+P:jobs:index                zset    job id scored by submit time (for listing)
+P:job:<id>                  hash    job status record (state, times, attempts, ...)
+P:job:<id>:samples          hash    data (raw bytes), dtype, shape
+P:versions:registry         hash    version -> VersionInfo JSON (the saved, complete ones)
+P:versions:by_job           hash    job id -> version it produced
+P:versions:current          string  the version being served
+P:versions:history          list    earlier values of current, newest first (rollback stack)
+P:versions:pinned           string  the pinned version; absent when not pinned
+P:versions:lock:<v>         string  save lock of version v (token, with expiry)
+P:versions:init             string  lock taken while version 0 is being created
+P:versions   (channel)      pubsub  JSON announcement of every pointer change
+==========================  ======  ==========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InvalidInputError
+
+JOB_GROUP = "learners"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(ch.isspace() for ch in self.prefix):
+            raise InvalidInputError(
+                f"key prefix must be non-empty without spaces, got {self.prefix!r}"
+            )
+
+    def _k(self, *parts: object) -> str:
+        return ":".join([self.prefix, *map(str, parts)])
+
+    # exemplar memory
+    @property
+    def mem_data(self) -> str:
+        return self._k("mem", "data")
+
+    @property
+    def mem_shapes(self) -> str:
+        return self._k("mem", "shapes")
+
+    @property
+    def mem_counts(self) -> str:
+        return self._k("mem", "counts")
+
+    @property
+    def mem_meta(self) -> str:
+        return self._k("mem", "meta")
+
+    # label map
+    @property
+    def labels_index(self) -> str:
+        return self._k("labels", "index")
+
+    @property
+    def labels_names(self) -> str:
+        return self._k("labels", "names")
+
+    # jobs
+    @property
+    def jobs_stream(self) -> str:
+        return self._k("jobs")
+
+    @property
+    def jobs_index(self) -> str:
+        return self._k("jobs", "index")
+
+    def job(self, job_id: str) -> str:
+        return self._k("job", job_id)
+
+    def job_samples(self, job_id: str) -> str:
+        return self._k("job", job_id, "samples")
+
+    # versions
+    @property
+    def versions_registry(self) -> str:
+        return self._k("versions", "registry")
+
+    @property
+    def versions_by_job(self) -> str:
+        return self._k("versions", "by_job")
+
+    @property
+    def version_current(self) -> str:
+        return self._k("versions", "current")
+
+    @property
+    def version_history(self) -> str:
+        return self._k("versions", "history")
+
+    @property
+    def version_pinned(self) -> str:
+        return self._k("versions", "pinned")
+
+    def version_lock(self, version: int) -> str:
+        return self._k("versions", "lock", version)
+
+    @property
+    def versions_init_lock(self) -> str:
+        return self._k("versions", "init")
+
+    @property
+    def versions_channel(self) -> str:
+        return self._k("versions")

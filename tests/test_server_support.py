@@ -1,0 +1,114 @@
+"""Helpers shared by the server tests (tests/test_server*.py); no tests here.
+
+The server tests use the machine's Redis, database 12 (``BSCE_TEST_SERVER_REDIS_URL``),
+each under its own key prefix whose keys are deleted afterwards; never the whole database.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+from PIL import Image
+
+from learner.config import ModelConfig, StepConfig
+from learner.model import IncrementalNet
+from learner.versioning import initial_payload, version_payload
+from storage import Storage, close, connect
+
+TEST_REDIS_URL = os.environ.get("BSCE_TEST_SERVER_REDIS_URL", "redis://127.0.0.1:6379/12")
+SMALL = StepConfig(model=ModelConfig(backbone="resnet8"))
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    """(H, W, C) or (H, W) uint8 -> image file bytes."""
+    img = Image.fromarray(array)
+    if mode is not None:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def random_image(
+    seed: int, w: int = 32, h: int = 32, fmt: str = "PNG", mode: str | None = None
+) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), fmt, mode)
+
+
+def class_images(n: int, colour: Sequence[int], seed: int) -> list[bytes]:
+    """Noisy images around one colour: an easy class for a few training steps."""
+    rng = np.random.default_rng(seed)
+    base = np.asarray(colour, dtype=np.int16)
+    out = []
+    for _ in range(n):
+        noise = rng.integers(-30, 31, size=(32, 32, 3))
+        out.append(encode(np.clip(base + noise, 0, 255).astype(np.uint8)))
+    return out
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def drop_prefix(r: redis.Redis, prefix: str) -> None:
+    keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
+    for i in range(0, len(keys), 500):
+        r.delete(*keys[i : i + 500])
+
+
+def save_version(
+    storage: Storage,
+    version: int,
+    class_names: Sequence[str],
+    active: Sequence[bool] | None = None,
+    serve: bool = True,
+) -> None:
+    """A resnet8 version with random weights (what the learner's commit would write)."""
+    if version == 0 and not class_names:
+        tensors, metadata = initial_payload(SMALL, seed=0)
+    else:
+        net = IncrementalNet.create(
+            SMALL.model, torch.Generator().manual_seed(version), num_classes=len(class_names)
+        )
+        tensors, metadata = version_payload(
+            net,
+            class_names=list(class_names),
+            counts=[5] * len(class_names),
+            augment=SMALL.augment,
+            config=SMALL,
+            extra={
+                "parent_version": version - 1,
+                "active_classes": list(active) if active is not None else [True] * len(class_names),
+            },
+        )
+    storage.versions.save(version, tensors, metadata)
+    if serve:
+        storage.versions.set_current(version)
+
+
+@pytest.fixture(name="server_redis", scope="session")
+def fixture_server_redis() -> Iterator[redis.Redis]:
+    r = connect(TEST_REDIS_URL)
+    try:
+        r.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {TEST_REDIS_URL}")
+    yield r
+    close(r)
+
+
+@pytest.fixture(name="storage")
+def fixture_storage(server_redis: redis.Redis, tmp_path: Path) -> Iterator[Storage]:
+    prefix = f"bsce-srvtest-{uuid.uuid4().hex[:12]}"
+    yield Storage(server_redis, prefix, bentoml_home=tmp_path / "bentoml")
+    drop_prefix(server_redis, prefix)

@@ -1,0 +1,198 @@
+"""The learner worker against real Redis and a real BentoML model store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+from learner.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
+from learner.data import load_dataset
+from learner.versioning import load_version
+from learner.worker import JobOverrides, Worker, WorkerConfig, apply_overrides
+from storage import Storage, connect
+from tests.test_storage_support import TEST_REDIS_URL, drop_prefix
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def subset():
+    return load_dataset("cifar10-subset")
+
+
+def _samples(subset, classes: list[int], per_class: int = 40) -> tuple[np.ndarray, list[str]]:
+    xs, names = [], []
+    for c in classes:
+        idx = (subset.train.labels == c).nonzero().squeeze(1)[:per_class]
+        xs.append(subset.train.images[idx].numpy())
+        names += [subset.train.class_names[c]] * len(idx)
+    return np.concatenate(xs), names
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    r = connect(TEST_REDIS_URL)
+    try:
+        r.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {TEST_REDIS_URL}")
+    prefix = f"bsce-test-worker-{uuid.uuid4().hex[:10]}"
+    values = {
+        "REDIS_URL": TEST_REDIS_URL,
+        "BSCE_PREFIX": prefix,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+    }
+    yield values
+    drop_prefix(r, prefix)
+    r.close()
+
+
+def _storage(env: dict[str, str]) -> Storage:
+    return Storage(connect(env["REDIS_URL"]), env["BSCE_PREFIX"], bentoml_home=env["BENTOML_HOME"])
+
+
+def _config(epochs: int = 1) -> WorkerConfig:
+    step = StepConfig(
+        model=ModelConfig(backbone="resnet8"),
+        optim=OptimConfig(epochs=epochs, batch_size=32),
+        memory=MemoryConfig(mode="fixed_total", size=40),
+    )
+    return WorkerConfig(step=step, seed=5, claim_timeout_s=2.0, poll_ms=100)
+
+
+def test_two_steps_posted_as_jobs_become_two_versions(env, subset):
+    storage = _storage(env)
+    worker = Worker(storage, _config(), CPU, consumer="w1")
+    worker.ensure_initial_version()
+    first = storage.jobs.submit(*_samples(subset, [0, 1]))
+    second = storage.jobs.submit(*_samples(subset, [2, 3]))
+    assert worker.run(once=True) == 1
+    assert worker.run(once=True) == 1
+
+    assert [v.version for v in storage.versions.list()] == [0, 1, 2]
+    assert storage.versions.current() == 2
+    assert storage.jobs.status(first).state == "done" and storage.jobs.status(first).version == 1
+    assert storage.jobs.status(second).version == 2
+    tensors, meta = storage.versions.load(2)
+    loaded = load_version(tensors, meta)
+    assert loaded.class_names == tuple(subset.train.class_names[:4])
+    assert meta["parent_version"] == 1 and meta["step"] == 2
+    # Step 2 trained on 40 new images per class and the 20 exemplars each old class kept
+    # (2,000-style fixed total of 40 over 2 classes); then every class shrinks to 40 // 4.
+    assert meta["counts"] == [20, 20, 40, 40]
+    assert storage.exemplars.counts() == {0: 10, 1: 10, 2: 10, 3: 10}
+    assert storage.exemplars.version() == 2
+    assert storage.labels.names() == list(subset.train.class_names[:4])
+
+
+def test_overrides_are_validated():
+    base = _config().step
+    assert apply_overrides(base, {"epochs": 3, "method": "ce"}).optim.epochs == 3
+    assert apply_overrides(base, {"distill": False}).distill.enabled is False
+    for bad in ({"epochs": 0}, {"method": "sgd"}, {"unknown": 1}, {"lr": -1}):
+        with pytest.raises(ValueError):
+            JobOverrides.model_validate(bad)
+
+
+def _start_worker(env: dict[str, str], consumer: str, epochs: int) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "learner.worker",
+        "--backbone",
+        "resnet8",
+        "--epochs",
+        str(epochs),
+        "--memory",
+        "40",
+        "--claim-timeout",
+        "2",
+        "--consumer",
+        consumer,
+        "--device",
+        "cpu",
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_worker_job_is_claimed_again_and_its_version_appears_once(env, subset):
+    storage = _storage(env)
+    job = storage.jobs.submit(*_samples(subset, [0, 1], per_class=100))
+    victim = _start_worker(env, "victim", epochs=30)
+    try:
+        _wait(lambda: storage.jobs.status(job).state == "running", 120, "the job to start")
+        time.sleep(1.0)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert storage.jobs.status(job).state == "running"  # nobody finished it
+    assert [v.version for v in storage.versions.list()] == [0]
+
+    rescuer = Worker(storage, _config(), CPU, consumer="rescuer")
+    assert rescuer.run(once=True) == 1
+    status = storage.jobs.status(job)
+    assert status.state == "done" and status.version == 1
+    assert status.attempts == 2
+    assert [v.version for v in storage.versions.list()] == [0, 1]
+    assert storage.versions.version_for_job(job) == 1
+    assert storage.jobs.pending() == 0
+
+
+def test_sigterm_finishes_the_step_then_exits(env, subset):
+    storage = _storage(env)
+    job = storage.jobs.submit(*_samples(subset, [0, 1]))
+    proc = _start_worker(env, "graceful", epochs=3)
+    try:
+        _wait(lambda: storage.jobs.status(job).state == "running", 120, "the job to start")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert storage.jobs.status(job).state == "done"
+    assert storage.versions.current() == 1
+
+
+def test_failing_job_is_marked_failed_and_stays_inspectable(env, subset):
+    storage = _storage(env)
+    worker = Worker(storage, _config(), CPU, consumer="w")
+    worker.ensure_initial_version()
+    x, names = _samples(subset, [0], per_class=5)
+    job = storage.jobs.submit(x, names, overrides={"epochs": 0})  # refused by the worker
+    for _ in range(3):
+        worker.run(once=True)
+    status = storage.jobs.status(job)
+    assert status.state == "failed"
+    assert "epochs" in (status.error or "")
+    assert [v.version for v in storage.versions.list()] == [0]
