@@ -1,10 +1,15 @@
-.PHONY: setup run test lint format speed paper-claim
+.PHONY: setup run bench-demo test lint format speed paper-claim
 
 setup:
 	scripts/setup.sh
 
-# The main job on the embedded defaults: a short protocol run on the bundled CIFAR-10 subset.
+# The main job on the embedded defaults: embedded Redis, learner worker and API server
+# together; posts two classes of the bundled CIFAR-10 subset and prints predictions.
 run: setup
+	.venv/bin/python scripts/demo.py
+
+# A short offline protocol run on the bundled CIFAR-10 subset (progress bar and table).
+bench-demo: setup
 	.venv/bin/python -m learner.bench --protocol cifar10-subset-b0-s5 --epochs 4 --out runs/demo
 
 test: setup

@@ -169,7 +169,7 @@ class Worker:
                 step_config,
                 device=self.device,
                 generator=generator,
-                on_epoch=lambda e, n, loss: self._check_abandon(job.id, heartbeat),
+                on_epoch=lambda e, n, loss: self._on_epoch(job.id, heartbeat, e, n, loss),
             )
             names = self.storage.labels.names()[: result.model.num_classes]
             active = _active_classes(model_state.metadata, result.counts)
@@ -240,6 +240,14 @@ class Worker:
         tensors, metadata = versions.load(parent)
         state = load_version(tensors, {**metadata})
         return parent, state, _memory_from_tensors(tensors)
+
+    def _on_epoch(
+        self, job_id: str, heartbeat: _Heartbeat, epoch: int, epochs: int, loss: float
+    ) -> None:
+        self.storage.jobs.set_progress(
+            job_id, epoch / epochs, f"epoch {epoch}/{epochs}, loss {loss:.3f}"
+        )
+        self._check_abandon(job_id, heartbeat)
 
     def _check_abandon(self, job_id: str, heartbeat: _Heartbeat) -> None:
         if heartbeat.lost.is_set():

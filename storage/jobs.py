@@ -158,6 +158,8 @@ class JobStatus(BaseModel):
     num_samples: int
     classes: list[str]
     overrides: dict[str, Any] | None = None
+    progress: float | None = None  # fraction of the training step done, 0..1
+    progress_note: str | None = None
 
 
 @dataclass
@@ -373,6 +375,20 @@ class JobQueue:
         if res != b"ok":
             raise JobStateError(f"job {job.id} is no longer pending")
 
+    def set_progress(self, job_id: str, fraction: float, note: str = "") -> None:
+        """Record how far the job's step is (shown in its status); only while it runs."""
+        key = self.keys.job(job_id)
+        # Not atomic with the state check: a late update on a finished job only rewrites
+        # the progress fields, which the status of a done job ignores.
+        if self.r.hget(key, "state") == b"running":
+            self.r.hset(
+                key,
+                mapping={
+                    "progress": repr(max(0.0, min(1.0, float(fraction)))),
+                    "progress_note": note[:200],
+                },
+            )
+
     def mark_running(self, job_id: str) -> None:
         """Record that training started (state running, start time)."""
         res = self._mark_running(keys=[self.keys.job(job_id)], args=[repr(time.time())])
@@ -408,7 +424,12 @@ class JobQueue:
             pipe.xack(k.jobs_stream, JOB_GROUP, stream_id)
         pipe.hset(
             k.job(job_id),
-            mapping={"state": "done", "version": int(version), "finished": repr(time.time())},
+            mapping={
+                "state": "done",
+                "version": int(version),
+                "finished": repr(time.time()),
+                "progress": "1.0",
+            },
         )
         pipe.hdel(k.job(job_id), "error")
         pipe.delete(k.job_samples(job_id))
@@ -486,6 +507,8 @@ class JobQueue:
             num_samples=int(s("num_samples") or 0),
             classes=json.loads(s("classes") or "[]"),
             overrides=json.loads(s("overrides") or "{}") or None,
+            progress=None if s("progress") is None else float(s("progress")),
+            progress_note=s("progress_note"),
         )
 
     def list(self, limit: int = 50) -> builtins.list[JobStatus]:

@@ -231,9 +231,9 @@ def test_ready_health_and_predict_single_batch_multipart(server: Server) -> None
     ]
     r = server.post("/predict/upload", files=files, data={"top_k": "1"})
     assert r.status_code == 200, r.text
-    assert len(r.json()["predictions"]) == 2 and r.headers["x-worker-pid"] == str(
-        r.json()["worker_pid"]
-    )
+    answer = r.json()
+    assert len(answer["predictions"]) == 2
+    assert r.headers["x-worker-pid"] == str(answer["worker_pid"])
 
 
 def test_bad_input_is_refused_and_nothing_is_stored(server: Server) -> None:
@@ -268,6 +268,7 @@ def test_bad_input_is_refused_and_nothing_is_stored(server: Server) -> None:
         ("/learn", "missing labels", {"json": {"images": [good]}}, 400, "labels"),
         ("/learn", "empty label", {"json": {"images": [good], "labels": [""]}}, 400, "labels"),
         ("/learn", "padded label", {"json": {"images": [good], "labels": [" cat"]}}, 400, "whitespace"),
+        ("/learn", "control character", {"json": {"images": [good], "labels": ["a\nb"]}}, 400, "printable"),
         ("/learn", "count mismatch", {"json": {"images": [good, good], "labels": ["a"]}}, 400, "one label per image"),
         ("/learn", "empty batch", {"json": {"images": [], "labels": []}}, 400, "images"),
         ("/learn", "oversized", {"json": {"images": [good] * 65, "labels": ["a"] * 65}}, 413, "limit is 64"),
@@ -412,7 +413,7 @@ def test_metrics(server: Server) -> None:
         'bsce_jobs{state="done"}',
         "bsce_exemplar_memory_bytes",
         "bsce_current_version",
-        "bsce_train_step_seconds",
+        'bsce_train_step_seconds{version="2"}',
         'bentoml_service_request_duration_seconds_count{endpoint="/predict"',
     ]:
         assert name in text, name

@@ -395,3 +395,23 @@ def test_batcher_refuses_requests_past_the_latency_cap() -> None:
     answered = [r for r in results if isinstance(r, list)]
     assert refused and answered and len(refused) + len(answered) == len(results)
     assert "latency cap" in str(refused[0])
+
+
+def test_watcher_reports_an_unreachable_store_and_keeps_trying(tmp_path) -> None:
+    import redis
+
+    from storage import VersionStore
+
+    dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    versions = VersionStore(dead, "bsce-srvtest-dead", bentoml_home=tmp_path)
+    holder = ModelHolder(lambda v: _FakeServed(v))  # type: ignore[arg-type,return-value]
+    watcher = VersionWatcher(versions, holder, poll_interval_s=0.05)
+    watcher.start()
+    try:
+        time.sleep(0.5)
+        assert watcher.is_alive() and not watcher.store_reachable()
+        assert watcher.store_error is not None and "Connection" in watcher.store_error
+        assert holder.current is None
+    finally:
+        watcher.stop()
+    assert not watcher.is_alive()

@@ -84,6 +84,7 @@ def test_two_steps_posted_as_jobs_become_two_versions(env, subset):
     assert [v.version for v in storage.versions.list()] == [0, 1, 2]
     assert storage.versions.current() == 2
     assert storage.jobs.status(first).state == "done" and storage.jobs.status(first).version == 1
+    assert storage.jobs.status(first).progress == 1.0
     assert storage.jobs.status(second).version == 2
     tensors, meta = storage.versions.load(2)
     loaded = load_version(tensors, meta)
@@ -148,8 +149,8 @@ def test_killed_worker_job_is_claimed_again_and_its_version_appears_once(env, su
     job = storage.jobs.submit(*_samples(subset, [0, 1], per_class=100))
     victim = _start_worker(env, "victim", epochs=30)
     try:
-        _wait(lambda: storage.jobs.status(job).state == "running", 120, "the job to start")
-        time.sleep(1.0)
+        _wait(lambda: (storage.jobs.status(job).progress or 0) > 0, 120, "the first epoch")
+        assert storage.jobs.status(job).progress_note.startswith("epoch 1/30")
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:

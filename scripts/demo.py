@@ -1,0 +1,190 @@
+"""One machine, one command: embedded Redis, the learner worker and the API server together.
+
+    .venv/bin/python scripts/demo.py [--port 3000] [--epochs 8] [--exit]
+
+Starts ``python -m learner.worker`` and ``bentoml serve server.service:BsceServe`` (2 API
+workers) on the embedded Redis under ``BSCE_DATA_HOME`` (default ``.cache/state``) and the
+model store under ``BENTOML_HOME`` (default ``.cache/bentoml``), waits until the server is
+ready, posts the first two classes of the bundled CIFAR-10 subset through ``/learn``, waits
+for the job, prints predictions for a few test images and how long learning took, then keeps
+serving until Ctrl-C (or exits with ``--exit``). With ``REDIS_URL`` set, uses that Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _http(
+    method: str, url: str, body: dict | None = None, timeout: float = 30.0
+) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    token = os.environ.get("BSCE_API_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _png(chw) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(chw.transpose(1, 2, 0)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit(
+                    f"{p.args[2] if len(p.args) > 2 else p.args} exited with {p.returncode}"
+                )
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server was not ready within {timeout:.0f} s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--classes", type=int, default=2, help="how many classes of the subset to post")
+    p.add_argument("--exit", action="store_true", help="stop everything after the demo")
+    args = p.parse_args()
+    os.environ.setdefault("BSCE_DATA_HOME", str(REPO / ".cache" / "state"))
+    os.environ.setdefault("BENTOML_HOME", str(REPO / ".cache" / "bentoml"))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    url = f"http://127.0.0.1:{args.port}"
+    bin_dir = Path(sys.executable).parent
+
+    from learner.data import load_dataset
+
+    subset = load_dataset("cifar10-subset")
+    # Separate process groups: Ctrl-C reaches us, and we stop each child cleanly.
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "learner.worker", "--epochs", str(args.epochs)],
+        cwd=REPO,
+        start_new_session=True,
+    )
+    server = subprocess.Popen(
+        [
+            str(bin_dir / "bentoml"),
+            "serve",
+            "server.service:BsceServe",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.port),
+        ],
+        cwd=REPO,
+        start_new_session=True,
+    )
+    procs = [worker, server]
+    try:
+        print(f"starting the learner worker and the API server at {url} ...", flush=True)
+        _wait_ready(url, procs, timeout=180)
+        _, classes = _http("GET", url + "/classes")
+        names = [subset.train.class_names[c] for c in range(args.classes)]
+        already = {c["name"] for c in classes.get("classes", [])}
+        if set(names) <= already:
+            print(f"the served version already knows {names}; not posting them again")
+        else:
+            idx = [i for i, y in enumerate(subset.train.labels.tolist()) if y < args.classes]
+            body = {
+                "images": [_png(subset.train.images[i].numpy()) for i in idx],
+                "labels": [subset.train.class_names[int(subset.train.labels[i])] for i in idx],
+            }
+            t0 = time.monotonic()
+            status, job = _http("POST", url + "/learn", body, timeout=120)
+            if status != 202:
+                raise SystemExit(f"/learn answered {status}: {job}")
+            print(
+                f"posted {len(idx)} images of {names}: job {job['job_id']} ({status})", flush=True
+            )
+            while True:
+                _, st = _http("GET", f"{url}/jobs/{job['job_id']}")
+                if st["state"] in ("done", "failed"):
+                    break
+                print(
+                    f"  job {st['state']}, progress {st.get('progress') or 0:.0%} {st.get('progress_note') or ''}",
+                    flush=True,
+                )
+                time.sleep(2)
+            if st["state"] != "done":
+                raise SystemExit(f"the job failed: {st.get('error')}")
+            # Learning latency: until a prediction answers from the new version.
+            while True:
+                _, pred = _http(
+                    "POST", url + "/predict", {"images": [_png(subset.test.images[0].numpy())]}
+                )
+                if pred.get("version") == st["version"]:
+                    break
+                time.sleep(0.05)
+            print(
+                f"learned in {time.monotonic() - t0:.1f} s: version {st['version']} ({args.epochs} epochs)"
+            )
+
+        test_idx = [i for i, y in enumerate(subset.test.labels.tolist()) if y < args.classes][::5][
+            :8
+        ]
+        _, pred = _http(
+            "POST",
+            url + "/predict",
+            {"images": [_png(subset.test.images[i].numpy()) for i in test_idx], "top_k": 2},
+        )
+        print(f"\npredictions of version {pred['version']} (worker pid {pred.get('worker_pid')}):")
+        for i, p_ in zip(test_idx, pred["predictions"], strict=True):
+            top = ", ".join(f"{lab['label']} {lab['probability']:.2f}" for lab in p_["labels"])
+            print(
+                f"  test image {i:>3} (true: {subset.test.class_names[int(subset.test.labels[i])]:<10}) -> {top}"
+            )
+        if args.exit:
+            return
+        print(f"\nserving at {url} (OpenAPI at {url}/docs); Ctrl-C stops the server and the worker")
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main()

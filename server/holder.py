@@ -1,0 +1,256 @@
+"""The model a worker serves, and how it follows the version pointer (DESIGN.md §3).
+
+Each API worker process holds its own `ServedVersion`. A new version is loaded completely
+(weights read and checked, network built, moved to the device, one warm-up forward) while
+the old one keeps serving; then `ModelHolder` switches one attribute. A request reads that
+attribute once and uses the object it got to the end, so requests in flight finish on the
+version they started with. A version that fails to load leaves the old one serving and is
+retried with a growing delay.
+
+`VersionWatcher` is the worker's background thread: it blocks on the storage announcements
+(pub/sub) for at most ``poll_interval_s``, then compares the pointer (one Redis GET) with
+what is loaded. The announcement wakes it at once; the GET catches anything pub/sub lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+import torch
+
+from learner.evaluate import infer
+from learner.versioning import LoadedVersion, load_version
+from storage import StorageError, VersionStore, next_announcement
+
+from .metrics import Metrics
+
+log = logging.getLogger("bsce.server")
+
+Score = tuple[int, str, float]  # (class index, name, probability)
+
+
+@dataclass(frozen=True, eq=False)
+class ServedVersion:
+    """A loaded, ready-to-run version. Immutable: swapping replaces the whole object."""
+
+    version: int
+    loaded: LoadedVersion
+    device: torch.device
+    # Head rows that may be predicted (the worker's ``active_classes``: after a rollback the
+    # head can hold rows of classes this lineage never learned).
+    active: tuple[bool, ...]
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.loaded.class_names
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        return self.loaded.image_shape
+
+    @property
+    def num_active(self) -> int:
+        return sum(self.active)
+
+    def probabilities(self, images: np.ndarray) -> torch.Tensor:
+        """Softmax over the active classes of raw logits (no prior at prediction), on CPU;
+        inactive rows get probability 0."""
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        logits, _ = infer(self.loaded.model, x, self.loaded.augment, device=self.device)
+        if logits.shape[1] == 0:
+            return logits
+        if not all(self.active):
+            mask = torch.tensor(self.active, dtype=torch.bool)
+            logits = logits.masked_fill(~mask, -math.inf)
+            if not any(self.active):
+                return torch.zeros_like(logits)
+        return torch.softmax(logits, dim=1)
+
+    def top_k(self, probs: torch.Tensor, k: int) -> list[list[Score]]:
+        k = min(k, self.num_active)
+        if k == 0:
+            return [[] for _ in range(probs.shape[0])]
+        values, indices = probs.topk(k, dim=1)
+        names = self.class_names
+        return [
+            [(int(i), names[int(i)], float(p)) for p, i in zip(pv, iv, strict=True)]
+            for pv, iv in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+    def classify(self, images: np.ndarray, k: int) -> list[list[Score]]:
+        return self.top_k(self.probabilities(images), k)
+
+
+def load_served(versions: VersionStore, version: int, device: torch.device) -> ServedVersion:
+    """Everything a version needs before it can serve, done before anyone sees it."""
+    tensors, metadata = versions.load(version)
+    loaded = load_version(tensors, metadata)
+    model = loaded.model.to(device)
+    if model.config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.eval().requires_grad_(False)
+    n = model.num_classes
+    flags = metadata.get("active_classes")
+    if isinstance(flags, list) and len(flags) == n:
+        active = tuple(bool(a) for a in flags)
+    else:
+        active = (True,) * n
+    if len(loaded.class_names) != n:
+        raise StorageError(
+            f"version {version} names {len(loaded.class_names)} classes for a head of {n} rows"
+        )
+    served = ServedVersion(version=version, loaded=loaded, device=device, active=active)
+    # The first forward allocates and picks kernels; pay for it here, not in a request.
+    served.probabilities(np.zeros((1, *served.chw), dtype=np.uint8))
+    return served
+
+
+class ModelHolder:
+    """One worker's served version; swapped by replacing a single reference."""
+
+    def __init__(
+        self, loader: Callable[[int], ServedVersion], metrics: Metrics | None = None
+    ) -> None:
+        self._loader = loader
+        self._metrics = metrics
+        self._current: ServedVersion | None = None
+        # Serialises swaps only; readers never take it.
+        self._swap_lock = threading.Lock()
+        self.last_error: str | None = None
+
+    @property
+    def current(self) -> ServedVersion | None:
+        """The version to use for one request: read it once and keep the object."""
+        return self._current
+
+    def swap_to(self, version: int) -> bool:
+        """Load `version` and serve it; False (old version still served) if loading fails."""
+        with self._swap_lock:
+            cur = self._current
+            if cur is not None and cur.version == version:
+                return True
+            start = time.perf_counter()
+            try:
+                new = self._loader(version)
+            except Exception as e:
+                self.last_error = f"version {version} failed to load: {type(e).__name__}: {e}"
+                log.exception(
+                    "version %s failed to load; still serving %s",
+                    version,
+                    None if cur is None else cur.version,
+                )
+                if self._metrics is not None:
+                    self._metrics.swap_failures.inc()
+                return False
+            self._current = new
+            self.last_error = None
+            seconds = time.perf_counter() - start
+            log.info(
+                "now serving version %d (was %s; loaded in %.3f s)",
+                version,
+                None if cur is None else cur.version,
+                seconds,
+            )
+            if self._metrics is not None:
+                self._metrics.swapped(version, seconds)
+            return True
+
+
+class VersionWatcher:
+    """Background thread keeping a `ModelHolder` on the version the pointer names."""
+
+    def __init__(
+        self,
+        versions: VersionStore,
+        holder: ModelHolder,
+        poll_interval_s: float = 0.5,
+        retry_delays_s: Sequence[float] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
+    ) -> None:
+        self.versions = versions
+        self.holder = holder
+        self.poll_interval_s = poll_interval_s
+        self.retry_delays_s = tuple(retry_delays_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bsce-version-watcher", daemon=True)
+        # version -> (failures so far, monotonic time of the next attempt)
+        self._failed: dict[int, tuple[int, float]] = {}
+        self.store_ok_at: float | None = None  # monotonic time of the last good Redis reply
+        self.store_error: str | None = None
+        self.target: int | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def store_reachable(self) -> bool:
+        ok = self.store_ok_at
+        return ok is not None and time.monotonic() - ok < max(3.0, 4 * self.poll_interval_s)
+
+    def sync_once(self) -> None:
+        """Read the pointer and load what it names, if needed (also used by tests)."""
+        target = self.versions.current()
+        self.store_ok_at = time.monotonic()
+        self.store_error = None
+        self.target = target
+        if target is None:
+            return
+        cur = self.holder.current
+        if cur is not None and cur.version == target:
+            return
+        failures, not_before = self._failed.get(target, (0, 0.0))
+        if time.monotonic() < not_before:
+            return
+        if self.holder.swap_to(target):
+            self._failed.pop(target, None)
+        else:
+            delay = self.retry_delays_s[min(failures, len(self.retry_delays_s) - 1)]
+            self._failed[target] = (failures + 1, time.monotonic() + delay)
+
+    def _run(self) -> None:
+        pubsub = None
+        errors = 0
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.versions.subscribe()
+                self.sync_once()
+                errors = 0
+                # Returns early on an announcement; the loop then reads the pointer itself,
+                # which is authoritative (announcements are hints and may arrive out of order).
+                next_announcement(pubsub, self.poll_interval_s)
+            except (redis.RedisError, StorageError, OSError) as e:
+                errors += 1
+                self.store_error = f"{type(e).__name__}: {e}"
+                if errors == 1 or errors % 20 == 0:
+                    log.warning("version watcher: store unreachable (%s); retrying", e)
+                if pubsub is not None:
+                    _close_quietly(pubsub)
+                    pubsub = None
+                self._stop.wait(min(self.poll_interval_s * errors, 5.0))
+            except Exception:
+                # A bug here must not end the thread: the worker would serve one version forever.
+                log.exception("version watcher: unexpected error")
+                self._stop.wait(1.0)
+        if pubsub is not None:
+            _close_quietly(pubsub)
+
+
+def _close_quietly(pubsub: redis.client.PubSub) -> None:
+    try:
+        pubsub.close()
+    except Exception:  # closing a broken connection may raise; nothing to do about it
+        log.debug("closing pub/sub failed", exc_info=True)

@@ -1,0 +1,176 @@
+"""Prometheus metrics on BentoML's /metrics.
+
+Two kinds:
+
+- Per-worker events (predictions, batch sizes, swaps, the version served) are
+  prometheus_client metrics. Under ``bentoml serve`` every worker has
+  ``PROMETHEUS_MULTIPROC_DIR`` set before it starts, so their values go to the shared
+  multiprocess files that BentoML's /metrics aggregates over all workers (counters and
+  histograms summed; the served-version gauge kept per live worker, with a ``pid`` label).
+  They are registered in a private registry (never the global one), so building a second
+  service in one process (tests) does not collide.
+- Store-wide state (jobs by state, exemplar memory, the pointer, the latest training step)
+  is read from Redis when /metrics is scraped (`StoreCollector`, appended by the service's
+  ``__metrics__`` hook), so it is exact whichever worker answers the scrape.
+
+Request latency per endpoint is BentoML's own ``bentoml_service_request_duration_seconds``
+(labels ``endpoint`` and ``http_response_code``), which covers every route, mounted ones
+included.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from storage import Storage
+
+log = logging.getLogger("bsce.server")
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """One worker's metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.predictions = Counter("bsce_predictions", "Images classified", ["path"], registry=r)
+        self.batch_size = Histogram(
+            "bsce_inference_batch_size",
+            "Images per model forward pass (single-image requests merged by adaptive "
+            "batching, or one multi-image request)",
+            ["path"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "bsce_inference_seconds",
+            "Duration of one model forward pass with softmax and top-k",
+            ["path"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "bsce_decode_seconds",
+            "Decoding and validating the images of one request",
+            ["endpoint"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "bsce_rejected_requests",
+            "Requests refused by the server's own validation",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.served_version = Gauge(
+            "bsce_served_version",
+            "Model version this worker serves (-1 before the first load)",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
+        self.swaps = Counter("bsce_swaps", "Version swaps completed", registry=r)
+        self.swap_failures = Counter(
+            "bsce_swap_failures",
+            "Versions that failed to load (the previous version kept serving)",
+            registry=r,
+        )
+        self.swap_seconds = Histogram(
+            "bsce_swap_duration_seconds",
+            "Loading a version completely before switching to it",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.jobs_submitted = Counter(
+            "bsce_jobs_submitted", "Learning jobs queued through this API", registry=r
+        )
+        self.served_version.set(-1)
+
+    def swapped(self, version: int, seconds: float) -> None:
+        self.swaps.inc()
+        self.swap_seconds.observe(seconds)
+        self.served_version.set(version)
+
+    def text(self) -> str:
+        """This registry in the text format (single-process use: tests, debugging)."""
+        return generate_latest(self.registry).decode()
+
+
+class StoreCollector(Collector):
+    """Store-wide gauges, read from Redis at scrape time."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        s = self.storage
+        up = GaugeMetricFamily("bsce_store_up", "1 when the store answered this scrape")
+        try:
+            jobs = s.jobs.counts_by_state()
+            memory = s.exemplars.info()
+            pointer = s.versions.pointer()
+            num_labels = len(s.labels)
+            trained = [
+                v
+                for v in s.versions.list()
+                if isinstance(v.metrics.get("train_seconds"), int | float)
+            ]
+        except Exception as e:  # a scrape must still answer when Redis does not
+            log.warning("metrics: store unreachable: %s", e)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+
+        g = GaugeMetricFamily("bsce_jobs", "Learning jobs by state", labels=["state"])
+        for state, n in sorted(jobs.items()):
+            g.add_metric([state], n)
+        yield g
+        yield GaugeMetricFamily(
+            "bsce_exemplar_memory_bytes",
+            "Bytes of exemplar images in the replay memory",
+            value=memory.total_bytes,
+        )
+        yield GaugeMetricFamily(
+            "bsce_exemplars",
+            "Exemplar images in the replay memory",
+            value=sum(memory.counts.values()),
+        )
+        yield GaugeMetricFamily(
+            "bsce_current_version",
+            "Version the pointer names (-1: none)",
+            value=-1 if pointer.current is None else pointer.current,
+        )
+        yield GaugeMetricFamily(
+            "bsce_pinned_version",
+            "Pinned version (-1: not pinned)",
+            value=-1 if pointer.pinned is None else pointer.pinned,
+        )
+        yield GaugeMetricFamily(
+            "bsce_label_map_classes", "Class names in the label map", value=num_labels
+        )
+        if trained:
+            newest = trained[-1]
+            step = GaugeMetricFamily(
+                "bsce_train_step_seconds",
+                "Training time of the newest trained version's step, as its learner recorded it",
+                labels=["version"],
+            )
+            step.add_metric([str(newest.version)], float(newest.metrics["train_seconds"]))
+            yield step
+
+
+def store_metrics_text(storage: Storage) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(storage))
+    return generate_latest(registry).decode()

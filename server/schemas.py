@@ -1,0 +1,181 @@
+"""Request and response bodies of every endpoint (pydantic; they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage import JobStatus, VersionInfo
+
+Base64Image = Annotated[
+    str,
+    Field(
+        description="A PNG, JPEG, WebP, BMP or GIF file, base64-encoded (a data: URL prefix is "
+        "accepted)",
+        examples=["iVBORw0KGgoAAAANSUhEUgAA..."],
+    ),
+]
+ClassName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=100,
+        description="Class name: printable, no leading or trailing whitespace",
+        examples=["cat"],
+    ),
+]
+TopK = Annotated[
+    int | None,
+    Field(ge=1, description="Labels per image, best first (default: the server's BSCE_TOP_K)"),
+]
+
+
+class _Request(BaseModel):
+    # Unknown fields are refused, so that a misspelt field does not go silently unused.
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- predict -------------------------------------------------------------------------------
+
+
+class PredictRequest(_Request):
+    """One image or a batch. A request with one image goes through adaptive batching."""
+
+    images: list[Base64Image] = Field(min_length=1, description="One or more images")
+    top_k: TopK = None
+
+
+class PredictUpload(_Request):
+    """multipart/form-data: one or more ``files`` parts, optional ``top_k`` field."""
+
+    files: list[Path] = Field(min_length=1, description="Image files (one part each)")
+    top_k: TopK = None
+
+
+class LabelScore(BaseModel):
+    label: str
+    index: int = Field(description="Class index in the label map (head row)")
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    labels: list[LabelScore] = Field(description="Top-k labels, most probable first")
+
+
+class PredictResponse(BaseModel):
+    version: int = Field(description="The model version that answered")
+    worker_pid: int = Field(description="The API worker process that answered")
+    num_classes: int = Field(description="Classes the answering version can predict")
+    predictions: list[ImagePrediction] = Field(description="One per image, in request order")
+
+
+# -- learn ---------------------------------------------------------------------------------
+
+
+class LearnRequest(_Request):
+    """Labelled images of one or more classes; one label per image."""
+
+    images: list[Base64Image] = Field(min_length=1)
+    labels: list[ClassName] = Field(min_length=1, description="One class name per image")
+    overrides: dict[str, Any] | None = Field(
+        None,
+        description="Per-job training overrides the learner accepts: method, epochs, lr, "
+        "batch_size, distill",
+        examples=[{"epochs": 2}],
+    )
+
+
+class LearnUpload(_Request):
+    """multipart/form-data: ``files`` parts and a ``labels`` field holding a JSON array of
+    class names, one per file in order (``overrides``: an optional JSON object)."""
+
+    files: list[Path] = Field(min_length=1)
+    labels: list[ClassName] = Field(min_length=1)
+    overrides: dict[str, Any] | None = None
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    state: Literal["queued"] = "queued"
+    status_url: str
+    num_samples: int
+    classes: list[str] = Field(description="Classes in this job, in order of first appearance")
+    new_classes: list[str] = Field(description="Classes the label map did not know before")
+
+
+class JobStatusResponse(JobStatus):
+    served: bool | None = Field(
+        None, description="For a done job: whether its version is the one served now"
+    )
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatusResponse]
+
+
+# -- versions and classes ------------------------------------------------------------------
+
+
+class VersionList(BaseModel):
+    current: int | None
+    pinned: int | None
+    history: list[int] = Field(description="Earlier served versions, newest first")
+    versions: list[VersionInfo]
+
+
+class WorkerVersion(BaseModel):
+    worker_pid: int
+    version: int | None = Field(description="The version this worker has loaded")
+
+
+class CurrentVersion(BaseModel):
+    version: int | None = Field(description="The version the pointer names (served by all)")
+    pinned: int | None
+    info: VersionInfo | None
+    worker: WorkerVersion
+
+
+class PinRequest(_Request):
+    version: int = Field(ge=0)
+
+
+class PointerChange(BaseModel):
+    current: int | None
+    pinned: int | None
+    previous: int | None = Field(description="The version served before this change")
+
+
+class ClassInfo(BaseModel):
+    index: int
+    name: str
+    count: int = Field(description="Samples of this class the version was trained on last")
+    exemplars: int = Field(description="Exemplars of this class in the replay memory")
+
+
+class ClassList(BaseModel):
+    version: int | None
+    classes: list[ClassInfo] = Field(description="Classes the current version predicts")
+    pending: list[str] = Field(
+        description="Names in the label map that the current version does not predict "
+        "(queued, being learned, or rolled back)"
+    )
+
+
+# -- health and errors ---------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    ready: bool
+    model_loaded: bool
+    store_reachable: bool
+    version: int | None = Field(description="The version this worker serves")
+    pointer: int | None = Field(description="The version the storage pointer names")
+    worker_pid: int
+    detail: str | None = Field(None, description="Why not ready, or the last failed load")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What is wrong, in one sentence")
+    detail: list[dict[str, Any]] | None = None

@@ -1,0 +1,632 @@
+"""The bsce-serve HTTP service (BentoML).
+
+    bentoml serve server.service:BsceServe --port 3000
+
+Each of the ``BSCE_WORKERS`` worker processes builds one `BsceServe`: it opens the storage
+(``REDIS_URL`` or the embedded Redis), starts its `VersionWatcher`, and serves the version
+the storage pointer names. Endpoints, limits and decisions: server/README.md; settings:
+`server.settings`. No training happens here: learn requests are validated, decoded and
+queued for the learner worker (``python -m learner.worker``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import bentoml
+import numpy as np
+import redis
+import torch
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
+
+from learner.machine import resolve_device
+from learner.worker import JobOverrides
+from storage import (
+    InvalidInputError,
+    JobTooLargeError,
+    NoPreviousVersionError,
+    PinnedError,
+    StorageError,
+    UnknownJobError,
+    UnknownVersionError,
+    open_storage,
+    validate_name,
+)
+from storage import close as close_storage
+
+from .batching import Overloaded, SingleImageBatcher
+from .holder import ModelHolder, Score, ServedVersion, VersionWatcher, load_served
+from .images import ImageInputError, b64decode, decode_batch
+from .metrics import Metrics, store_metrics_text
+from .middleware import JSON, MULTIPART, Gateway, Route
+from .schemas import (
+    ClassInfo,
+    ClassList,
+    CurrentVersion,
+    ErrorBody,
+    Health,
+    ImagePrediction,
+    JobAccepted,
+    JobList,
+    JobStatusResponse,
+    LabelScore,
+    LearnRequest,
+    LearnUpload,
+    PinRequest,
+    PointerChange,
+    PredictRequest,
+    PredictResponse,
+    PredictUpload,
+    VersionList,
+    WorkerVersion,
+)
+from .settings import Settings
+
+log = logging.getLogger("bsce.server")
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+# Read at import for the decorator (worker count, batching); frozen, like the environment.
+BOOT_SETTINGS = Settings.from_env()
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status; turned into ``{"error": ...}`` by the endpoint."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _json(model: BaseModel, status: int = 200) -> Any:
+    # Typed Any: endpoints are annotated with their success model (for OpenAPI) and BentoML
+    # sends a returned Response as it is.
+    return JSONResponse(model.model_dump(mode="json"), status_code=status)
+
+
+# -- read-only routes (GET), mounted next to the BentoML endpoints ------------------------
+
+
+async def _get(fn: Callable[[Any], BaseModel]) -> Response:
+    # The instance BentoML built in this worker (its service object's only state holder).
+    svc = bentoml.get_current_service()
+    try:
+        result = await anyio.to_thread.run_sync(fn, svc)
+    except ApiError as e:
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+    except (redis.RedisError, StorageError) as e:
+        log.warning("store error: %s", e)
+        return JSONResponse({"error": f"the store is unavailable: {e}"}, status_code=503)
+    return _json(result)
+
+
+async def _http_versions(_: Request) -> Response:
+    return await _get(lambda s: s.list_versions())
+
+
+async def _http_current(_: Request) -> Response:
+    return await _get(lambda s: s.current_version())
+
+
+async def _http_classes(_: Request) -> Response:
+    return await _get(lambda s: s.list_classes())
+
+
+async def _http_job(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    return await _get(lambda s: s.job_status(job_id))
+
+
+async def _http_jobs(request: Request) -> Response:
+    try:
+        limit = int(request.query_params.get("limit", "50"))
+    except ValueError:
+        return JSONResponse({"error": "limit must be an integer"}, status_code=400)
+    return await _get(lambda s: s.list_jobs(max(0, min(limit, 1000))))
+
+
+async def _http_health(_: Request) -> Response:
+    health = bentoml.get_current_service().health()
+    return JSONResponse(health.model_dump(mode="json"), status_code=200 if health.ready else 503)
+
+
+async def _http_openapi(_: Request) -> Response:
+    return JSONResponse(openapi_document(BsceServe))
+
+
+GET_ROUTES: list[tuple[str, Callable[[Request], Any], type[BaseModel], str]] = [
+    ("/versions", _http_versions, VersionList, "All saved versions and the serving pointer"),
+    ("/versions/current", _http_current, CurrentVersion, "The served version"),
+    ("/classes", _http_classes, ClassList, "Classes the served version predicts, with counts"),
+    ("/jobs", _http_jobs, JobList, "The newest learning jobs (?limit=50)"),
+    ("/jobs/{job_id}", _http_job, JobStatusResponse, "One learning job's status"),
+    ("/health", _http_health, Health, "Readiness in detail (503 when not ready)"),
+]
+
+read_app = Starlette(
+    routes=[StarletteRoute(path, fn, methods=["GET"]) for path, fn, _, _ in GET_ROUTES]
+    + [StarletteRoute("/openapi.json", _http_openapi, methods=["GET"])]
+)
+
+GATEWAY_ROUTES: dict[tuple[str, str], Route] = {
+    ("POST", "/predict"): Route("read", (JSON,)),
+    ("POST", "/predict/upload"): Route("read", (MULTIPART,)),
+    ("POST", "/learn"): Route("admin", (JSON,)),
+    ("POST", "/learn/upload"): Route("admin", (MULTIPART,)),
+    ("POST", "/versions/rollback"): Route("admin", (JSON,)),
+    ("POST", "/versions/pin"): Route("admin", (JSON,)),
+    ("POST", "/versions/unpin"): Route("admin", (JSON,)),
+    ("GET", "/versions"): Route("read", reword_validation=False),
+    ("GET", "/versions/current"): Route("read", reword_validation=False),
+    ("GET", "/classes"): Route("read", reword_validation=False),
+    ("GET", "/jobs"): Route("read", reword_validation=False),
+}
+GATEWAY_PREFIXES = [("GET", "/jobs/", Route("read", reword_validation=False))]
+
+
+# -- the service ---------------------------------------------------------------------------
+
+
+@bentoml.asgi_app(read_app, path="/")
+@bentoml.service(
+    name="bsce-serve",
+    workers=BOOT_SETTINGS.workers,
+    traffic={"timeout": 300},
+)
+class BsceServe:
+    """Predicts with the served model version; queues posted classes for the learner."""
+
+    def __init__(self) -> None:
+        self.settings = Settings.from_env()
+        self.pid = os.getpid()
+        # BentoML's logging config keeps the root logger at WARNING; swaps are worth an INFO.
+        log.setLevel(logging.INFO)
+        torch.set_num_threads(self.settings.threads())
+        self.device = resolve_device(self.settings.device)
+        self.metrics = Metrics()
+        self.storage = open_storage()
+        versions = self.storage.versions
+        self.holder = ModelHolder(lambda v: load_served(versions, v, self.device), self.metrics)
+        self.watcher = VersionWatcher(versions, self.holder, self.settings.poll_interval_s)
+        self.watcher.start()
+        self.batcher = SingleImageBatcher(
+            self.settings.batch_max_size, self.settings.batch_max_latency_ms, self.metrics
+        )
+        if self.settings.api_token is None:
+            log.warning("BSCE_API_TOKEN is not set: learn, rollback, pin and unpin are open")
+        log.info(
+            "worker %d: device %s, %d torch threads, store prefix %r",
+            self.pid,
+            self.device,
+            torch.get_num_threads(),
+            self.storage.prefix,
+        )
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.watcher.stop()
+        self.batcher.shutdown()
+        # With the embedded Redis, the last process to close its client stops the server.
+        close_storage(self.storage.r)
+
+    # -- BentoML hooks ---------------------------------------------------------------------
+
+    def __is_ready__(self) -> bool:
+        return self.holder.current is not None and self.watcher.store_reachable()
+
+    def __metrics__(self, content: str) -> str:
+        served = self.holder.current
+        self.metrics.served_version.set(-1 if served is None else served.version)
+        return content + store_metrics_text(self.storage)
+
+    def health(self) -> Health:
+        served = self.holder.current
+        reachable = self.watcher.store_reachable()
+        detail = self.holder.last_error
+        if served is None and detail is None:
+            detail = (
+                "no model version yet (the learner worker creates version 0)"
+                if reachable and self.watcher.target is None
+                else "loading the model"
+            )
+        if not reachable:
+            detail = f"store unreachable: {self.watcher.store_error or 'no reply yet'}"
+        return Health(
+            ready=served is not None and reachable,
+            model_loaded=served is not None,
+            store_reachable=reachable,
+            version=None if served is None else served.version,
+            pointer=self.watcher.target,
+            worker_pid=self.pid,
+            detail=detail,
+        )
+
+    # -- predict ---------------------------------------------------------------------------
+
+    @bentoml.api(route="/predict", input_spec=PredictRequest)
+    async def predict(self, images: list[str], top_k: int | None = None) -> PredictResponse:
+        """Top-k labels of one image or a batch (JSON, base64 images).
+
+        A request with one image joins BentoML's adaptive batching (latency cap:
+        BSCE_BATCH_MAX_LATENCY_MS, then 503); a batch runs as one forward pass. The answer
+        names the model version that produced it; all images of a request see one version.
+        """
+        return await self._predict(
+            "predict",
+            lambda: [b64decode(s, f"image {i}") for i, s in enumerate(images)],
+            len(images),
+            top_k,
+        )
+
+    @bentoml.api(route="/predict/upload", input_spec=PredictUpload)
+    async def predict_upload(self, files: list[Path], top_k: int | None = None) -> PredictResponse:
+        """Like /predict, with the images as multipart/form-data ``files`` parts."""
+        return await self._predict("predict/upload", lambda: _read_files(files), len(files), top_k)
+
+    async def _predict(
+        self, endpoint: str, blobs: Callable[[], list[bytes]], count: int, top_k: int | None
+    ) -> Any:
+        try:
+            served = self._served()
+            k = self._top_k(top_k)
+            if count > self.settings.max_batch:
+                raise ApiError(
+                    413, f"{count} images in one request; the limit is {self.settings.max_batch}"
+                )
+            images = await self._decode(endpoint, blobs, served.chw, exact_size=False)
+            if count == 1:
+                scores = [await self.batcher.classify(served, images[0], k)]
+                self.metrics.predictions.labels("single").inc()
+            else:
+                scores = await anyio.to_thread.run_sync(self._classify_batch, served, images, k)
+                self.metrics.predictions.labels("batch").inc(count)
+        except ApiError as e:
+            return self._refuse(endpoint, e)
+        except Overloaded as e:
+            return self._refuse(endpoint, ApiError(503, str(e)))
+        return _json(
+            PredictResponse(
+                version=served.version,
+                worker_pid=self.pid,
+                num_classes=served.num_active,
+                predictions=[
+                    ImagePrediction(
+                        labels=[LabelScore(index=i, label=n, probability=p) for i, n, p in s]
+                    )
+                    for s in scores
+                ],
+            )
+        )
+
+    def _classify_batch(
+        self, served: ServedVersion, images: np.ndarray, k: int
+    ) -> list[list[Score]]:
+        start = time.perf_counter()
+        scores = served.classify(images, k)
+        self.metrics.inference_seconds.labels("batch").observe(time.perf_counter() - start)
+        self.metrics.batch_size.labels("batch").observe(len(images))
+        return scores
+
+    # -- learn -----------------------------------------------------------------------------
+
+    @bentoml.api(route="/learn", input_spec=LearnRequest)
+    async def learn(
+        self, images: list[str], labels: list[str], overrides: dict[str, Any] | None = None
+    ) -> JobAccepted:
+        """Queue labelled images (base64, JSON) for learning; answers 202 with a job id.
+
+        Images must have the model's exact input size. Nothing is stored or queued unless
+        every image, label and override is valid.
+        """
+        return await self._learn(
+            "learn",
+            lambda: [b64decode(s, f"image {i}") for i, s in enumerate(images)],
+            len(images),
+            labels,
+            overrides,
+        )
+
+    @bentoml.api(route="/learn/upload", input_spec=LearnUpload)
+    async def learn_upload(
+        self, files: list[Path], labels: list[str], overrides: dict[str, Any] | None = None
+    ) -> JobAccepted:
+        """Like /learn, with multipart/form-data ``files`` parts and a ``labels`` field
+        holding a JSON array of class names, one per file."""
+        return await self._learn(
+            "learn/upload", lambda: _read_files(files), len(files), labels, overrides
+        )
+
+    async def _learn(
+        self,
+        endpoint: str,
+        blobs: Callable[[], list[bytes]],
+        count: int,
+        labels: Sequence[str],
+        overrides: dict[str, Any] | None,
+    ) -> Any:
+        try:
+            served = self._served()
+            limit = self.settings.max_learn_images
+            if count > limit:
+                raise ApiError(413, f"{count} images in one request; the limit is {limit}")
+            if len(labels) != count:
+                raise ApiError(
+                    400, f"{count} images but {len(labels)} labels; send one label per image"
+                )
+            names = [_checked_name(n, i) for i, n in enumerate(labels)]
+            checked_overrides = _checked_overrides(overrides)
+            samples = await self._decode(endpoint, blobs, served.chw, exact_size=True)
+            accepted = await anyio.to_thread.run_sync(
+                self._submit, samples, names, checked_overrides
+            )
+        except ApiError as e:
+            return self._refuse(endpoint, e)
+        self.metrics.jobs_submitted.inc()
+        return _json(accepted, status=202)
+
+    def _submit(
+        self, samples: np.ndarray, names: list[str], overrides: dict[str, Any] | None
+    ) -> JobAccepted:
+        jobs, label_map = self.storage.jobs, self.storage.labels
+        size = samples.nbytes + len(json.dumps(names)) + len(json.dumps(overrides or {}))
+        if size > jobs.max_job_bytes:
+            # Checked before the label map is touched, so a refused job leaves no trace.
+            raise ApiError(
+                413, f"the decoded job is {size} bytes; the store's limit is {jobs.max_job_bytes}"
+            )
+        classes = list(dict.fromkeys(names))
+        try:
+            new = [n for n in classes if label_map.get(n) is None]
+            label_map.get_or_add(classes)
+            job_id = jobs.submit(samples, names, overrides)
+        except JobTooLargeError as e:
+            raise ApiError(413, str(e)) from None
+        except InvalidInputError as e:
+            raise ApiError(400, str(e)) from None
+        except (redis.RedisError, StorageError) as e:
+            raise ApiError(503, f"the store is unavailable: {e}") from None
+        return JobAccepted(
+            job_id=job_id,
+            status_url=f"/jobs/{job_id}",
+            num_samples=int(samples.shape[0]),
+            classes=classes,
+            new_classes=new,
+        )
+
+    # -- versions --------------------------------------------------------------------------
+
+    @bentoml.api(route="/versions/rollback")
+    async def rollback(self) -> PointerChange:
+        """Serve the version served before the current one (refused while pinned)."""
+        return await self._move("versions/rollback", lambda v: v.rollback(reason="api rollback"))
+
+    @bentoml.api(route="/versions/pin", input_spec=PinRequest)
+    async def pin(self, version: int) -> PointerChange:
+        """Serve `version` and keep serving it (new versions are saved but not served)."""
+        return await self._move("versions/pin", lambda v: v.pin(version, reason="api pin"))
+
+    @bentoml.api(route="/versions/unpin")
+    async def unpin(self) -> PointerChange:
+        """Lift the pin and serve the newest version."""
+        return await self._move("versions/unpin", lambda v: v.unpin(reason="api unpin"))
+
+    async def _move(self, endpoint: str, change: Callable[[Any], object]) -> Any:
+        versions = self.storage.versions
+
+        def run() -> PointerChange:
+            before = versions.current()
+            try:
+                change(versions)
+            except PinnedError as e:
+                raise ApiError(409, str(e)) from None
+            except NoPreviousVersionError as e:
+                raise ApiError(409, str(e)) from None
+            except UnknownVersionError as e:
+                raise ApiError(404, str(e)) from None
+            except (redis.RedisError, StorageError) as e:
+                raise ApiError(503, f"the store is unavailable: {e}") from None
+            state = versions.pointer()
+            return PointerChange(current=state.current, pinned=state.pinned, previous=before)
+
+        try:
+            result = await anyio.to_thread.run_sync(run)
+        except ApiError as e:
+            return self._refuse(endpoint, e)
+        return _json(result)
+
+    # -- reads (served as GET routes by `read_app`) ----------------------------------------
+
+    def list_versions(self) -> VersionList:
+        versions = self.storage.versions
+        state = versions.pointer()
+        return VersionList(
+            current=state.current,
+            pinned=state.pinned,
+            history=state.history,
+            versions=versions.list(),
+        )
+
+    def current_version(self) -> CurrentVersion:
+        versions = self.storage.versions
+        state = versions.pointer()
+        served = self.holder.current
+        return CurrentVersion(
+            version=state.current,
+            pinned=state.pinned,
+            info=None if state.current is None else versions.info(state.current),
+            worker=WorkerVersion(
+                worker_pid=self.pid, version=None if served is None else served.version
+            ),
+        )
+
+    def list_classes(self) -> ClassList:
+        s = self.storage
+        current = s.versions.current()
+        info = None if current is None else s.versions.info(current)
+        names = s.labels.names()
+        memory = s.exemplars.counts()
+        classes: list[ClassInfo] = []
+        if info is not None:
+            counts = info.counts
+            count_of = (
+                (lambda i, n: int(counts.get(n, 0)))
+                if isinstance(counts, dict)
+                else (lambda i, n: int(counts[i]) if i < len(counts) else 0)
+            )
+            served = self.holder.current
+            active = (
+                served.active
+                if served is not None and served.version == current
+                else (True,) * len(info.class_names)
+            )
+            for i, name in enumerate(info.class_names):
+                if i < len(active) and active[i]:
+                    classes.append(
+                        ClassInfo(
+                            index=i, name=name, count=count_of(i, name), exemplars=memory.get(i, 0)
+                        )
+                    )
+        known = {c.name for c in classes}
+        return ClassList(
+            version=current, classes=classes, pending=[n for n in names if n not in known]
+        )
+
+    def job_status(self, job_id: str) -> JobStatusResponse:
+        if not JOB_ID.fullmatch(job_id):
+            # Job ids are uuid4 hex; anything else could name another key under the prefix.
+            raise ApiError(404, f"no job with id {job_id!r}")
+        try:
+            status = self.storage.jobs.status(job_id)
+        except UnknownJobError as e:
+            raise ApiError(404, str(e)) from None
+        served = None
+        if status.state == "done" and status.version is not None:
+            served = self.storage.versions.current() == status.version
+        return JobStatusResponse(**status.model_dump(), served=served)
+
+    def list_jobs(self, limit: int) -> JobList:
+        return JobList(
+            jobs=[JobStatusResponse(**j.model_dump()) for j in self.storage.jobs.list(limit)]
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _served(self) -> ServedVersion:
+        served = self.holder.current  # once per request: the request keeps this version
+        if served is None:
+            raise ApiError(503, "no model version is loaded yet; see /health")
+        return served
+
+    def _top_k(self, top_k: int | None) -> int:
+        k = self.settings.top_k if top_k is None else top_k
+        if k > self.settings.max_top_k:
+            raise ApiError(400, f"top_k is {k}; the limit is {self.settings.max_top_k}")
+        return k
+
+    async def _decode(
+        self,
+        endpoint: str,
+        blobs: Callable[[], list[bytes]],
+        chw: tuple[int, int, int],
+        *,
+        exact_size: bool,
+    ) -> np.ndarray:
+        def run() -> np.ndarray:
+            start = time.perf_counter()
+            data = blobs()
+            out = decode_batch(
+                data, chw, max_pixels=self.settings.max_image_pixels, exact_size=exact_size
+            )
+            self.metrics.decode_seconds.labels(endpoint).observe(time.perf_counter() - start)
+            return out
+
+        try:
+            return await anyio.to_thread.run_sync(run)
+        except ImageInputError as e:
+            raise ApiError(e.status, str(e)) from None
+
+    def _refuse(self, endpoint: str, error: ApiError) -> Any:
+        self.metrics.rejected.labels(endpoint, str(error.status)).inc()
+        if error.status >= 500:
+            log.warning("%s: %s", endpoint, error)
+        return JSONResponse({"error": str(error)}, status_code=error.status)
+
+
+BsceServe.add_asgi_middleware(
+    Gateway, routes=GATEWAY_ROUTES, prefixes=GATEWAY_PREFIXES, settings=BOOT_SETTINGS
+)
+
+
+def _read_files(paths: Sequence[Path]) -> list[bytes]:
+    return [Path(p).read_bytes() for p in paths]
+
+
+def _checked_name(name: object, i: int) -> str:
+    try:
+        return validate_name(name)
+    except InvalidInputError as e:
+        raise ApiError(400, f"label {i}: {e}") from None
+
+
+def _checked_overrides(overrides: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not overrides:
+        return None
+    try:
+        parsed = JobOverrides.model_validate(overrides)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ApiError(400, f"overrides: {problems}") from None
+    return parsed.model_dump(exclude_none=True)
+
+
+def openapi_document(service: Any) -> dict[str, Any]:
+    """BentoML's OpenAPI document of the POST endpoints, plus the mounted GET routes, the
+    bearer-token scheme and the error body of every refusal."""
+    doc = service.openapi_spec.asdict()
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    components.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
+    paths = doc.setdefault("paths", {})
+
+    def ref(model: type[BaseModel]) -> dict[str, Any]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+
+    error = {"description": "Refused; the body says why", "content": ref(ErrorBody)}
+    for path, _, model, summary in GET_ROUTES:
+        op: dict[str, Any] = {
+            "summary": summary,
+            "operationId": "get_" + re.sub(r"[^a-z_]", "", path.strip("/").replace("/", "_")),
+            "responses": {"200": {"description": "OK", "content": ref(model)}, "4XX": error},
+        }
+        if "{job_id}" in path:
+            op["parameters"] = [
+                {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ]
+        paths[path] = {"get": op}
+    for (method, path), route in GATEWAY_ROUTES.items():
+        op = paths.get(path, {}).get(method.lower())
+        if op is None:
+            continue
+        responses = op.setdefault("responses", {})
+        if path.startswith("/learn") and 200 in responses:
+            responses["202"] = {**responses.pop(200), "description": "Queued"}
+        responses.update({"4XX": error, "503": error})
+        if route.access != "open":
+            op["security"] = [{"bearer": []}]
+    return doc
