@@ -40,16 +40,15 @@ from learner.step import StepData, train_step
 RESULT_FORMAT = "bsce-serve/result-1"
 
 
-def step_config_for(protocol: Protocol, dataset: Dataset, **overrides: Any) -> StepConfig:
-    """The protocol's defaults (backbone, memory, data geometry), then explicit overrides."""
+def step_config_for(protocol: Protocol, dataset: Dataset) -> StepConfig:
+    """The protocol's defaults: backbone, memory, data geometry and normalisation."""
     model = ModelConfig(backbone=protocol.backbone, in_channels=dataset.train.images.shape[1])
     memory = MemoryConfig(
         mode=protocol.memory_mode,
         size=0 if protocol.memory_mode == "none" else protocol.memory_size,
     )
     augment = AugmentConfig(crop=dataset.crop, pad=dataset.pad, mean=dataset.mean, std=dataset.std)
-    base = StepConfig(model=model, memory=memory, augment=augment)
-    return base.model_validate({**base.model_dump(), **overrides})
+    return StepConfig(model=model, memory=memory, augment=augment)
 
 
 def _eval_test(

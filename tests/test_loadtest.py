@@ -1,0 +1,340 @@
+"""The replay client and the Locust scenarios against a real server.
+
+One ``bentoml serve`` (2 API workers) and one learner worker (resnet8, memory 40, seed 7)
+start for the module, on the machine's Redis (database 12, a prefix of our own, deleted at
+the end) and a temporary BentoML home; both process groups are killed at the end. The
+replay runs first (it needs a fresh store), then the Locust smoke run. Tests without the
+server: the replay's data selection, the seeding difference between the learner worker and
+``learner.bench``, and the swap-window analysis on synthetic records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+import torch
+
+import learner.bench as bench
+from learner.config import ModelConfig, StepConfig
+from learner.data import load_dataset
+from learner.model import IncrementalNet
+from learner.protocols import get_protocol, resolve_class_order
+from learner.versioning import initial_payload
+from loadtest import replay
+from loadtest.client import Client
+from loadtest.run import run_locust, summarise, version_changes
+from loadtest.swap_under_load import analyse
+from tests.test_server_support import (  # noqa: F401  (fixtures are used by name)
+    TEST_REDIS_URL,
+    drop_prefix,
+    fixture_server_redis,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "loadtest-admin-token"
+WORKERS = 2
+SEED = 7
+MEMORY = 40
+PROTOCOL = "cifar10-subset-b0-s5"
+
+
+class LoadTestServer:
+    def __init__(self, url: str, home: Path, logs: dict[str, Path]) -> None:
+        self.url, self.home, self.logs = url, home, logs
+
+    def log_tail(self) -> str:
+        return "\n".join(
+            f"--- {n} ---\n" + p.read_text(errors="replace")[-3000:] for n, p in self.logs.items()
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(name="lt_server", scope="module")
+def fixture_lt_server(
+    server_redis: redis.Redis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LoadTestServer]:
+    prefix = f"bsce-lttest-{uuid.uuid4().hex[:12]}"
+    tmp = tmp_path_factory.mktemp("loadtest-server")
+    home = tmp / "bentoml"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": TEST_REDIS_URL,
+        "BSCE_PREFIX": prefix,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "BSCE_API_TOKEN": TOKEN,
+        "BSCE_WORKERS": str(WORKERS),
+        "BSCE_TORCH_THREADS": "1",
+        # Smaller than the replay's first chunk: exercises its 413 -> smaller chunks path.
+        "BSCE_MAX_BATCH": "32",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("BSCE_PREDICT_TOKEN", None)
+    logs = {"server": tmp / "server.log", "worker": tmp / "worker.log"}
+    worker_cmd = [
+        sys.executable, "-m", "learner.worker", "--backbone", "resnet8", "--epochs", "1",
+        "--memory", str(MEMORY), "--seed", str(SEED), "--claim-timeout", "60",
+    ]  # fmt: skip
+    serve_cmd = [
+        str(Path(sys.executable).parent / "bentoml"), "serve", "server.service:BsceServe",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    procs = []
+    server = LoadTestServer(f"http://127.0.0.1:{port}", home, logs)
+    try:
+        for name, cmd in (("worker", worker_cmd), ("server", serve_cmd)):
+            out = open(logs[name], "wb")  # noqa: SIM115  (closed with the process)
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+            )
+        deadline = time.monotonic() + 180
+        ready = 0
+        while ready < 2 * WORKERS:
+            for p in procs:
+                if p.poll() is not None:
+                    pytest.fail(f"{p.args[:3]} exited with {p.returncode}\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not become ready\n{server.log_tail()}")
+            try:
+                ready = ready + 1 if requests.get(server.url + "/readyz", timeout=10).ok else 0
+            except requests.RequestException:  # not listening yet, or busy starting
+                ready = 0
+            time.sleep(0.2)
+        # Ready answers may all come from one worker: wait until every worker serves v0.
+        with Client(server.url) as client:
+            while len([v for v in client.served_versions().values() if v >= 0]) < WORKERS:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"not every worker loaded a version\n{server.log_tail()}")
+                time.sleep(0.2)
+        yield server
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        drop_prefix(server_redis, prefix)
+
+
+# -- offline reference -------------------------------------------------------------------------
+
+
+def offline_reference(result: dict[str, Any], proposed: bool) -> dict[str, Any]:
+    """``learner.bench.run_protocol`` on the replay's protocol, config, seed and data.
+
+    ``proposed``: with the two changes proposed for ``run_protocol`` (emulated here without
+    touching learner/): (1) each step's generator is ``Generator(seed + t + 1)``, the learner
+    worker's rule for the job that makes version t + 1 on a fresh store, instead of one
+    generator for the whole run; (2) a step's images grouped by learning-order label, as the
+    replay must post them (the label map numbers classes by first appearance). (2) is what
+    ``_limit_per_class`` already does, so a cap above any class size emulates it.
+    Without ``proposed``: run_protocol as it is. Threads as the learner used (they change
+    float rounding in training).
+    """
+    protocol = get_protocol(PROTOCOL)
+    dataset = load_dataset(protocol.dataset)
+    order = resolve_class_order(protocol, dataset.train.class_names)
+    short, short_order = replay.truncated_protocol(
+        protocol, order, result["protocol_config"]["num_steps"]
+    )
+    config = StepConfig.model_validate(result["config"])
+    original, threads = bench.train_step, torch.get_num_threads()
+    calls = {"t": 0}
+
+    def per_step_seed(*args: Any, generator: torch.Generator, **kwargs: Any) -> Any:
+        calls["t"] += 1
+        step_gen = torch.Generator().manual_seed(result["seed"] + calls["t"])
+        return original(*args, generator=step_gen, **kwargs)
+
+    cap = result["max_train_per_class"]
+    torch.set_num_threads(int(result["machine"]["torch_threads"]))
+    if proposed:
+        bench.train_step = per_step_seed
+        cap = cap or len(dataset.train)
+    try:
+        return bench.run_protocol(
+            short, config, dataset, short_order, seed=result["seed"],
+            device=torch.device("cpu"), max_train_per_class=cap, progress=False,
+        )  # fmt: skip
+    finally:
+        bench.train_step = original
+        torch.set_num_threads(threads)
+
+
+# -- tests with the server ---------------------------------------------------------------------
+
+
+def test_replay_agrees_with_offline_runner(lt_server: LoadTestServer, tmp_path: Path) -> None:
+    result = replay.main(
+        [
+            "--protocol", PROTOCOL, "--url", lt_server.url, "--token", TOKEN, "--steps", "2",
+            "--epochs", "2", "--memory", str(MEMORY),
+            "--seed", str(SEED), "--backbone", "resnet8", "--predict-batch", "256",
+            "--bentoml-home", str(lt_server.home), "--out", str(tmp_path), "--plot",
+        ]
+    )  # fmt: skip
+    written = json.loads((tmp_path / replay.replay_filename(result)).read_text())
+    assert written["metrics"] == result["metrics"]
+    assert (tmp_path / replay.replay_filename(result)).with_suffix(".png").is_file()
+
+    # The offline runner's keys, and what only HTTP can say.
+    offline = offline_reference(result, proposed=True)
+    assert set(offline) - {"nme"} <= set(result)
+    assert result["source"] == "http" and result["url"] == lt_server.url
+    assert result["versions"] == [1, 2] and result["server"]["workers"] == WORKERS
+    assert result["config_source"] == "model-store"
+    assert result["config"]["model"]["backbone"] == "resnet8"
+    assert result["config"]["optim"]["epochs"] == 2  # the per-job override was applied
+    assert result["memory"] == {"mode": "fixed_total", "size": MEMORY, "selection": "herding"}
+    assert result["seed"] == SEED and result["step_seeds"] == [SEED + 1, SEED + 2]
+    for step in result["steps"]:
+        h = step["http"]
+        assert h["learn_latency_seconds"] > 0 and h["train_images"] == 200
+        assert h["predict_batch"] == 32  # halved from 256 on the server's 413s
+    # The seed-1993 order learns classes 4 then 2, then 7 then 6; the archive (and
+    # run_protocol as it is) lists each step's images by class index, 2 and 6 first.
+    assert [s["http"]["sample_order_as_offline"] for s in result["steps"]] == [False, False]
+    assert result["class_names"] == offline["class_names"]
+    assert result["config"] == offline["config"]
+
+    as_is = offline_reference(result, proposed=False)
+    print(
+        f"\nhttp {result['metrics']} {result['accuracy_matrix']}"
+        f"\noffline, proposed run_protocol {offline['metrics']} {offline['accuracy_matrix']}"
+        f"\noffline, run_protocol as it is {as_is['metrics']}"
+    )
+    # Same recipe, data, order and per-step seeds: the same training (losses) and metrics.
+    for mine, theirs in zip(result["steps"], offline["steps"], strict=True):
+        assert mine["counts"] == theirs["counts"]
+        assert mine["loss_per_epoch"] == pytest.approx(theirs["loss_per_epoch"], rel=1e-4)
+    for key in ("avg_incremental_accuracy", "last_accuracy", "forgetting"):
+        assert abs(result["metrics"][key] - offline["metrics"][key]) <= 1.0, key
+    comparison = replay.compare(result, offline)
+    assert comparison["within_one_point"] and comparison["machine_fields_differing"] == []
+    # Only the cap used to emulate the grouping differs.
+    assert comparison["config_fields_differing"] == ["max_train_per_class"]
+
+
+def test_locust_headless_smoke(lt_server: LoadTestServer, tmp_path: Path) -> None:
+    summary = run_locust(
+        lt_server.url, users=3, spawn_rate=3, duration_s=8, out=tmp_path,
+        updates=1, token=TOKEN, batch_size=8, update_images=10,
+        first_update_after_s=1.0, stop_timeout_s=10,
+    )  # fmt: skip
+    assert summary["requests"] > 0 and summary["failures"] == 0, summary["failure_examples"]
+    assert summary["all_failures"] == 0, summary["failure_examples"]
+    for key in ("rps", "p50_ms", "p95_ms", "p99_ms", "versions_seen", "swaps", "users", "date"):
+        assert summary[key] is not None, key
+    assert summary["workers"] == WORKERS and summary["users"] == 3
+    assert summary["updater"]["landed"] == 1
+    new = summary["updater"]["versions"][0]
+    assert new in summary["versions_seen"] and summary["swaps"] >= 1
+    for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv"):
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "summary.json").read_text())["requests"] == summary["requests"]
+
+
+# -- tests without the server ------------------------------------------------------------------
+
+
+def test_step_indices_group_by_learning_order() -> None:
+    # Interleaved labels, as in CIFAR's own batches: the replay groups them (stable).
+    y = torch.tensor([3, 1, 0, 1, 0, 2, 1, 0])
+    idx, same = replay.step_indices(y, 0, 2, None)
+    assert idx.tolist() == [2, 4, 7, 1, 3, 6] and not same
+    # With a cap, the offline runner's order is already grouped: identical.
+    idx, same = replay.step_indices(y, 0, 2, 2)
+    assert idx.tolist() == [2, 4, 1, 3] and same
+
+
+def test_worker_and_bench_seed_their_steps_differently() -> None:
+    """Why ``learner.bench.run_protocol`` as it is cannot be reproduced bit for bit.
+
+    Version 0 (the learner worker's initial model) equals run_protocol's initial model: both
+    draw it from a generator seeded with ``seed``. But the job that makes version v trains
+    with a fresh ``Generator(seed + v)``, while run_protocol keeps drawing from the one
+    generator it created the model with: from step 1 on, head rows, augmentation and batch
+    order come from different random streams.
+    """
+    config, seed = StepConfig(model=ModelConfig(backbone="resnet8")), SEED
+    tensors, _ = initial_payload(config, seed)
+    gen = torch.Generator().manual_seed(seed)
+    offline_model = IncrementalNet.create(config.model, gen)
+    for k, v in offline_model.to_tensors().items():
+        assert torch.equal(tensors["model." + k], v), k
+    worker_gen = torch.Generator().manual_seed(seed + 1)
+    assert not torch.equal(gen.get_state(), worker_gen.get_state())
+    assert not torch.equal(
+        torch.randperm(100, generator=gen), torch.randperm(100, generator=worker_gen)
+    )
+
+
+def _records(path: Path) -> Path:
+    rows = []
+    # Version 0 until the commit at t=10, a stale worker answers v0 once at t=10.4, then v1.
+    for i in range(200):
+        t = 1000.0 + i * 0.1
+        version = 0 if t < 10 + 1000.0 else 1
+        if abs(t - 1010.4) < 1e-6:
+            version = 0
+        rows.append({"t": t, "ms": 50.0 if version == 0 else 20.0, "name": "POST /predict [1 image]",
+                     "ok": True, "version": version, "pid": 1 + i % 2, "error": None})  # fmt: skip
+    rows.append({"t": 1005.0, "ms": 10.0, "name": "GET /jobs/[id]", "ok": False, "version": None,
+                 "pid": None, "error": "HTTP 503"})  # fmt: skip
+    job = {"state": "done", "version": 1, "class": "x", "started": "1970-01-01T00:16:48+00:00",
+           "finished": "1970-01-01T00:16:50+00:00"}  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n" + json.dumps({"job": job}) + "\n")
+    return path
+
+
+def test_summary_and_swap_windows_from_records(tmp_path: Path) -> None:
+    records = _records(tmp_path / "requests.jsonl")
+    s = summarise(records, tmp_path / "missing.csv", {"users": 2})
+    assert s["requests"] == 200 and s["failures"] == 0 and s["all_failures"] == 1
+    assert s["versions_seen"] == [0, 1] and s["swaps"] == 1 and s["version_flips"] == 3
+    a = analyse(records, window_s=1.0)
+    (swap,) = a["swaps"]
+    assert swap["commit"] == pytest.approx(1010.0)
+    assert swap["last_stale_start_after_commit_s"] == pytest.approx(0.4)
+    assert swap["window"] == pytest.approx([1010.0, 1011.4])
+    lat = a["latency"]
+    assert lat["during_swaps"]["requests"] + lat["outside_swaps"]["requests"] == 200
+    assert lat["training"]["requests"] > 0 and lat["quiet"]["requests"] > 0
+    assert version_changes([{"t": 0, "ms": 1, "ok": True, "version": 2}]) == ([2], 0, 0)
