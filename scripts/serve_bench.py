@@ -45,7 +45,9 @@ def _free_port() -> int:
 
 
 def _post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
@@ -89,7 +91,9 @@ def _learn(url: str, subset, classes: list[int]) -> tuple[str, float]:
     return job["job_id"], t0
 
 
-def _traffic(url: str, body: bytes, stop: threading.Event, out: list, threads: int) -> list[threading.Thread]:
+def _traffic(
+    url: str, body: bytes, stop: threading.Event, out: list, threads: int
+) -> list[threading.Thread]:
     def loop() -> None:
         while not stop.is_set():
             t = time.monotonic()
@@ -103,7 +107,9 @@ def _traffic(url: str, body: bytes, stop: threading.Event, out: list, threads: i
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=REPO / "results" / "serve_bench.json")
@@ -131,14 +137,34 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
     worker = subprocess.Popen(
-        [sys.executable, "-m", "learner.worker", "--epochs", str(args.epochs)], cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "learner.worker", "--epochs", str(args.epochs)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     server = subprocess.Popen(
-        [str(bin_dir / "bentoml"), "serve", "server.service:BsceServe", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(bin_dir / "bentoml"),
+            "serve",
+            "server.service:BsceServe",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    results: dict = {"command": "scripts/serve_bench.py " + " ".join(sys.argv[1:]), "epochs": args.epochs, "api_workers": 2}
+    results: dict = {
+        "command": "scripts/serve_bench.py " + " ".join(sys.argv[1:]),
+        "epochs": args.epochs,
+        "api_workers": 2,
+    }
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -168,7 +194,10 @@ def main() -> None:
             infer(served.model, images, served.augment, device=cpu, batch_size=64)
         bare = reps * len(images) / (time.perf_counter() - t)
         results["bare_images_per_second"] = bare
-        print(f"bare model, batch 64, {torch.get_num_threads()} threads: {bare:.0f} images/s", flush=True)
+        print(
+            f"bare model, batch 64, {torch.get_num_threads()} threads: {bare:.0f} images/s",
+            flush=True,
+        )
 
         # 2. HTTP batched throughput.
         batch = json.dumps({"images": [_png(images[i].numpy()) for i in range(64)]}).encode()
@@ -185,8 +214,13 @@ def main() -> None:
         elapsed = time.monotonic() - t
         ok = [r for r in log if r[2] == 200]
         http = 64 * len(ok) / elapsed
-        results.update(http_images_per_second=http, ratio=http / bare, http_batch_failures=len(log) - len(ok))
-        print(f"HTTP /predict, batches of 64, 4 clients: {http:.0f} images/s; ratio {http / bare:.2f} (target >= 0.6)", flush=True)
+        results.update(
+            http_images_per_second=http, ratio=http / bare, http_batch_failures=len(log) - len(ok)
+        )
+        print(
+            f"HTTP /predict, batches of 64, 4 clients: {http:.0f} images/s; ratio {http / bare:.2f} (target >= 0.6)",
+            flush=True,
+        )
 
         # 3. single-image latency at low load.
         single = json.dumps({"images": [_png(images[0].numpy())]}).encode()
@@ -198,7 +232,9 @@ def main() -> None:
             assert status == 200
         q = statistics.quantiles(lat, n=100)
         results.update(single_p50_ms=q[49], single_p99_ms=q[98])
-        print(f"single-image /predict, one client: p50 {q[49]:.1f} ms, p99 {q[98]:.1f} ms", flush=True)
+        print(
+            f"single-image /predict, one client: p50 {q[49]:.1f} ms, p99 {q[98]:.1f} ms", flush=True
+        )
 
         # 4 + 5. learning latency, and swaps under steady traffic.
         log, stop = [], threading.Event()
@@ -211,7 +247,10 @@ def main() -> None:
                 break
         learn_s = time.monotonic() - t0
         results.update(learning_latency_s=learn_s, learning_images=100)
-        print(f"learning latency (100 images of a new class, {args.epochs} epochs): {learn_s:.1f} s", flush=True)
+        print(
+            f"learning latency (100 images of a new class, {args.epochs} epochs): {learn_s:.1f} s",
+            flush=True,
+        )
         _post(url + "/versions/rollback", b"{}")
         time.sleep(1.5)
         _post(url + "/versions/pin", json.dumps({"version": st["version"]}).encode())
@@ -226,8 +265,16 @@ def main() -> None:
         versions = [r[3] for r in sorted(log) if r[2] == 200]
         swaps = sum(1 for a, b in zip(versions, versions[1:], strict=False) if a != b)
         failed = sum(1 for r in log if r[2] != 200)
-        results.update(swap_requests=len(log), swap_failed=failed, swaps_observed=swaps, versions_seen=sorted(set(versions)))
-        print(f"under 2 predicting clients: {len(log)} requests, {failed} failed, {swaps} version changes seen {sorted(set(versions))}", flush=True)
+        results.update(
+            swap_requests=len(log),
+            swap_failed=failed,
+            swaps_observed=swaps,
+            versions_seen=sorted(set(versions)),
+        )
+        print(
+            f"under 2 predicting clients: {len(log)} requests, {failed} failed, {swaps} version changes seen {sorted(set(versions))}",
+            flush=True,
+        )
         results["machine"] = describe_machine(cpu)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
