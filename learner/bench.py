@@ -32,7 +32,7 @@ from learner.data import Dataset, load_dataset
 from learner.evaluate import infer, nme_predict, topk
 from learner.exemplars import ExemplarMemory
 from learner.machine import describe_machine, resolve_device
-from learner.metrics import IncrementalEvaluation
+from learner.metrics import IncrementalEvaluation, IncrementalMetrics
 from learner.model import IncrementalNet
 from learner.protocols import PRESETS, Protocol, get_protocol, resolve_class_order
 from learner.step import StepData, train_step
@@ -113,7 +113,7 @@ def run_protocol(
         lo, hi = seen, seen + len(classes)
         idx = ((train_y >= lo) & (train_y < hi)).nonzero().squeeze(1)
         if max_train_per_class is not None:
-            idx = _limit_per_class(idx, train_y, max_train_per_class)
+            idx = limit_per_class(idx, train_y, max_train_per_class)
         data = StepData(dataset.train.images[idx].clone(), train_y[idx].clone())
 
         def on_epoch(epoch: int, epochs: int, loss: float, t: int = t) -> None:
@@ -161,13 +161,7 @@ def run_protocol(
         "max_train_per_class": max_train_per_class,
         "data_source": dataset.source,
         "machine": describe_machine(device),
-        "accuracy_matrix": cnn.accuracy_matrix,
-        "metrics": {
-            "avg_incremental_accuracy": cnn.avg_incremental_accuracy,
-            "last_accuracy": cnn.last_accuracy,
-            "forgetting": cnn.forgetting,
-        },
-        "cnn": cnn.model_dump(mode="json"),
+        **metric_fields(cnn),
         "nme": nme_eval.result().model_dump(mode="json")
         if nme_eval.num_steps == len(steps)
         else None,
@@ -177,7 +171,20 @@ def run_protocol(
     }
 
 
-def _limit_per_class(idx: torch.Tensor, labels: torch.Tensor, limit: int) -> torch.Tensor:
+def metric_fields(cnn: IncrementalMetrics) -> dict[str, Any]:
+    """The headline fields of a result file, from the CNN head's metrics."""
+    return {
+        "accuracy_matrix": cnn.accuracy_matrix,
+        "metrics": {
+            "avg_incremental_accuracy": cnn.avg_incremental_accuracy,
+            "last_accuracy": cnn.last_accuracy,
+            "forgetting": cnn.forgetting,
+        },
+        "cnn": cnn.model_dump(mode="json"),
+    }
+
+
+def limit_per_class(idx: torch.Tensor, labels: torch.Tensor, limit: int) -> torch.Tensor:
     kept = [idx[labels[idx] == c][:limit] for c in labels[idx].unique()]
     return torch.cat(kept)
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from learner.bench import RESULT_FORMAT, _limit_per_class, result_filename
+from learner.bench import RESULT_FORMAT, limit_per_class, metric_fields, result_filename
 from learner.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
 from learner.data import Dataset, load_dataset
 from learner.machine import describe_machine
@@ -85,7 +85,7 @@ def step_indices(
     """
     idx = ((train_y >= lo) & (train_y < hi)).nonzero().squeeze(1)
     if max_train_per_class is not None:
-        idx = _limit_per_class(idx, train_y, max_train_per_class)
+        idx = limit_per_class(idx, train_y, max_train_per_class)
     grouped = idx[torch.argsort(train_y[idx], stable=True)]
     return grouped, bool(torch.equal(grouped, idx))
 
@@ -442,13 +442,7 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         },
         "versions": [r["http"]["version"] for r in reports],
         "learn_latency_seconds": [r["http"]["learn_latency_seconds"] for r in reports],
-        "accuracy_matrix": cnn.accuracy_matrix,
-        "metrics": {
-            "avg_incremental_accuracy": cnn.avg_incremental_accuracy,
-            "last_accuracy": cnn.last_accuracy,
-            "forgetting": cnn.forgetting,
-        },
-        "cnn": cnn.model_dump(mode="json"),
+        **metric_fields(cnn),
         # The server predicts with the CNN head only; NME is not served.
         "nme": None,
         "steps": reports,

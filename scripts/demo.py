@@ -13,8 +13,6 @@ serving until Ctrl-C (or exits with ``--exit``). With ``REDIS_URL`` set, uses th
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import os
 import signal
@@ -27,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from loadtest.client import png_b64  # noqa: E402
 
 
 def _http(
@@ -44,14 +44,6 @@ def _http(
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
-
-
-def _png(chw) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(chw.transpose(1, 2, 0)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> None:
@@ -121,7 +113,7 @@ def main() -> None:
         else:
             idx = [i for i, y in enumerate(subset.train.labels.tolist()) if y < args.classes]
             body = {
-                "images": [_png(subset.train.images[i].numpy()) for i in idx],
+                "images": [png_b64(subset.train.images[i].numpy()) for i in idx],
                 "labels": [subset.train.class_names[int(subset.train.labels[i])] for i in idx],
             }
             t0 = time.monotonic()
@@ -145,7 +137,7 @@ def main() -> None:
             # Learning latency: until a prediction answers from the new version.
             while True:
                 _, pred = _http(
-                    "POST", url + "/predict", {"images": [_png(subset.test.images[0].numpy())]}
+                    "POST", url + "/predict", {"images": [png_b64(subset.test.images[0].numpy())]}
                 )
                 if pred.get("version") == st["version"]:
                     break
@@ -160,7 +152,7 @@ def main() -> None:
         _, pred = _http(
             "POST",
             url + "/predict",
-            {"images": [_png(subset.test.images[i].numpy()) for i in test_idx], "top_k": 2},
+            {"images": [png_b64(subset.test.images[i].numpy()) for i in test_idx], "top_k": 2},
         )
         print(f"\npredictions of version {pred['version']} (worker pid {pred.get('worker_pid')}):")
         for i, p_ in zip(test_idx, pred["predictions"], strict=True):
