@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +34,9 @@ from tests.test_server_support import (  # noqa: F401  (fixtures are used by nam
     encode,
     fixture_server_redis,
     random_image,
+    stop_process,
 )
+from tests.test_storage_support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "admin-token-for-tests"
@@ -64,25 +64,6 @@ class Server:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture(name="server", scope="module")
 def fixture_server(
     server_redis: redis.Redis, tmp_path_factory: pytest.TempPathFactory
@@ -90,7 +71,7 @@ def fixture_server(
     prefix = f"bsce-srvtest-{uuid.uuid4().hex[:12]}"
     tmp = tmp_path_factory.mktemp("server")
     home = tmp / "bentoml"
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "REDIS_URL": TEST_REDIS_URL,
@@ -150,7 +131,7 @@ def fixture_server(
         yield server
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_process(p)
         drop_prefix(server_redis, prefix)
 
 
