@@ -306,6 +306,22 @@ def format_summary(s: dict[str, Any]) -> str:
     )
 
 
+def locust_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_locust`` keyword arguments from ``add_common``'s options and ``--updates``."""
+    return {
+        "updates": args.updates,
+        "token": args.token,
+        "batch_size": args.batch_size,
+        "single": not args.no_single,
+        "batched": not args.no_batch,
+        "update_images": args.update_images,
+        "update_epochs": args.update_epochs,
+        "update_interval_s": args.update_interval,
+        "first_update_after_s": args.first_update_after,
+        "wait_s": args.wait,
+    }
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True)
     p.add_argument("--users", type=int, default=8)
@@ -334,21 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     out = args.out or Path("results") / "loadtest" / time.strftime("%Y%m%d-%H%M%S")
     summary = run_locust(
-        args.url,
-        args.users,
-        args.spawn_rate,
-        args.duration,
-        out,
-        updates=args.updates,
-        token=args.token,
-        batch_size=args.batch_size,
-        single=not args.no_single,
-        batched=not args.no_batch,
-        update_images=args.update_images,
-        update_epochs=args.update_epochs,
-        update_interval_s=args.update_interval,
-        first_update_after_s=args.first_update_after,
-        wait_s=args.wait,
+        args.url, args.users, args.spawn_rate, args.duration, out, **locust_options(args)
     )
     print(format_summary(summary))
     print(f"wrote {out / 'summary.json'} and Locust's CSVs under {out}")

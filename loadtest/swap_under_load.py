@@ -39,7 +39,15 @@ from typing import Any
 import numpy as np
 
 from .client import Client
-from .run import PREDICT, add_common, format_summary, percentiles, read_records, run_locust
+from .run import (
+    PREDICT,
+    add_common,
+    format_summary,
+    locust_options,
+    percentiles,
+    read_records,
+    run_locust,
+)
 
 
 def _ts(value: Any) -> float | None:
@@ -243,17 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.spawn_rate,
         args.max_duration,
         base,
-        updates=args.updates,
-        token=args.token,
-        batch_size=args.batch_size,
-        single=not args.no_single,
-        batched=not args.no_batch,
-        update_images=args.update_images,
-        update_epochs=args.update_epochs,
-        update_interval_s=args.update_interval,
-        first_update_after_s=args.first_update_after,
         stop_after_updates_s=args.tail,
-        wait_s=args.wait,
+        **locust_options(args),
     )
     after = swap_metrics(args.url, args.token)
     analysis = analyse(Path(summary["records_file"]), args.window_s)

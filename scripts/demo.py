@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -26,7 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from learner.data import Dataset  # noqa: E402
 from loadtest.client import png_b64  # noqa: E402
+from loadtest.stack import Stack, StackError, local_stack  # noqa: E402
 
 
 def _http(
@@ -46,24 +46,6 @@ def _http(
         return e.code, json.loads(e.read() or b"{}")
 
 
-def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise SystemExit(
-                    f"{p.args[2] if len(p.args) > 2 else p.args} exited with {p.returncode}"
-                )
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server was not ready within {timeout:.0f} s")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,105 +59,78 @@ def main() -> None:
     os.environ.setdefault("BENTOML_HOME", str(REPO / ".cache" / "bentoml"))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     url = f"http://127.0.0.1:{args.port}"
-    bin_dir = Path(sys.executable).parent
 
     from learner.data import load_dataset
 
     subset = load_dataset("cifar10-subset")
-    # Separate process groups: Ctrl-C reaches us, and we stop each child cleanly.
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "learner.worker", "--epochs", str(args.epochs)],
-        cwd=REPO,
-        start_new_session=True,
-    )
-    server = subprocess.Popen(
-        [
-            str(bin_dir / "bentoml"),
-            "serve",
-            "server.service:BsceServe",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(args.port),
-        ],
-        cwd=REPO,
-        start_new_session=True,
-    )
-    procs = [worker, server]
+    print(f"starting the learner worker and the API server at {url} ...", flush=True)
     try:
-        print(f"starting the learner worker and the API server at {url} ...", flush=True)
-        _wait_ready(url, procs, timeout=180)
-        _, classes = _http("GET", url + "/classes")
-        names = [subset.train.class_names[c] for c in range(args.classes)]
-        already = {c["name"] for c in classes.get("classes", [])}
-        if set(names) <= already:
-            print(f"the served version already knows {names}; not posting them again")
-        else:
-            idx = [i for i, y in enumerate(subset.train.labels.tolist()) if y < args.classes]
-            body = {
-                "images": [png_b64(subset.train.images[i].numpy()) for i in idx],
-                "labels": [subset.train.class_names[int(subset.train.labels[i])] for i in idx],
-            }
-            t0 = time.monotonic()
-            status, job = _http("POST", url + "/learn", body, timeout=120)
-            if status != 202:
-                raise SystemExit(f"/learn answered {status}: {job}")
-            print(
-                f"posted {len(idx)} images of {names}: job {job['job_id']} ({status})", flush=True
-            )
-            while True:
-                _, st = _http("GET", f"{url}/jobs/{job['job_id']}")
-                if st["state"] in ("done", "failed"):
-                    break
-                print(
-                    f"  job {st['state']}, progress {st.get('progress') or 0:.0%} {st.get('progress_note') or ''}",
-                    flush=True,
-                )
-                time.sleep(2)
-            if st["state"] != "done":
-                raise SystemExit(f"the job failed: {st.get('error')}")
-            # Learning latency: until a prediction answers from the new version.
-            while True:
-                _, pred = _http(
-                    "POST", url + "/predict", {"images": [png_b64(subset.test.images[0].numpy())]}
-                )
-                if pred.get("version") == st["version"]:
-                    break
-                time.sleep(0.05)
-            print(
-                f"learned in {time.monotonic() - t0:.1f} s: version {st['version']} ({args.epochs} epochs)"
-            )
-
-        test_idx = [i for i, y in enumerate(subset.test.labels.tolist()) if y < args.classes][::5][
-            :8
-        ]
-        _, pred = _http(
-            "POST",
-            url + "/predict",
-            {"images": [png_b64(subset.test.images[i].numpy()) for i in test_idx], "top_k": 2},
-        )
-        print(f"\npredictions of version {pred['version']} (worker pid {pred.get('worker_pid')}):")
-        for i, p_ in zip(test_idx, pred["predictions"], strict=True):
-            top = ", ".join(f"{lab['label']} {lab['probability']:.2f}" for lab in p_["labels"])
-            print(
-                f"  test image {i:>3} (true: {subset.test.class_names[int(subset.test.labels[i])]:<10}) -> {top}"
-            )
-        if args.exit:
-            return
-        print(f"\nserving at {url} (OpenAPI at {url}/docs); Ctrl-C stops the server and the worker")
-        while all(p.poll() is None for p in procs):
-            time.sleep(1)
+        with local_stack(dict(os.environ), args.port, ["--epochs", str(args.epochs)]) as stack:
+            _demo(stack, subset, args)
     except KeyboardInterrupt:
         pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+    except StackError as e:
+        raise SystemExit(str(e)) from None
+
+
+def _demo(stack: Stack, subset: Dataset, args: argparse.Namespace) -> None:
+    url = stack.url
+    _, classes = _http("GET", url + "/classes")
+    names = [subset.train.class_names[c] for c in range(args.classes)]
+    already = {c["name"] for c in classes.get("classes", [])}
+    if set(names) <= already:
+        print(f"the served version already knows {names}; not posting them again")
+    else:
+        idx = [i for i, y in enumerate(subset.train.labels.tolist()) if y < args.classes]
+        body = {
+            "images": [png_b64(subset.train.images[i].numpy()) for i in idx],
+            "labels": [subset.train.class_names[int(subset.train.labels[i])] for i in idx],
+        }
+        t0 = time.monotonic()
+        status, job = _http("POST", url + "/learn", body, timeout=120)
+        if status != 202:
+            raise SystemExit(f"/learn answered {status}: {job}")
+        print(f"posted {len(idx)} images of {names}: job {job['job_id']} ({status})", flush=True)
+        while True:
+            _, st = _http("GET", f"{url}/jobs/{job['job_id']}")
+            if st["state"] in ("done", "failed"):
+                break
+            print(
+                f"  job {st['state']}, progress {st.get('progress') or 0:.0%} {st.get('progress_note') or ''}",
+                flush=True,
+            )
+            time.sleep(2)
+        if st["state"] != "done":
+            raise SystemExit(f"the job failed: {st.get('error')}")
+        # Learning latency: until a prediction answers from the new version.
+        while True:
+            _, pred = _http(
+                "POST", url + "/predict", {"images": [png_b64(subset.test.images[0].numpy())]}
+            )
+            if pred.get("version") == st["version"]:
+                break
+            time.sleep(0.05)
+        print(
+            f"learned in {time.monotonic() - t0:.1f} s: version {st['version']} ({args.epochs} epochs)"
+        )
+
+    test_idx = [i for i, y in enumerate(subset.test.labels.tolist()) if y < args.classes][::5][:8]
+    _, pred = _http(
+        "POST",
+        url + "/predict",
+        {"images": [png_b64(subset.test.images[i].numpy()) for i in test_idx], "top_k": 2},
+    )
+    print(f"\npredictions of version {pred['version']} (worker pid {pred.get('worker_pid')}):")
+    for i, p_ in zip(test_idx, pred["predictions"], strict=True):
+        top = ", ".join(f"{lab['label']} {lab['probability']:.2f}" for lab in p_["labels"])
+        print(
+            f"  test image {i:>3} (true: {subset.test.class_names[int(subset.test.labels[i])]:<10}) -> {top}"
+        )
+    if args.exit:
+        return
+    print(f"\nserving at {url} (OpenAPI at {url}/docs); Ctrl-C stops the server and the worker")
+    while all(p.poll() is None for p in stack.procs.values()):
+        time.sleep(1)
 
 
 if __name__ == "__main__":

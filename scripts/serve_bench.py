@@ -21,10 +21,8 @@ import argparse
 import json
 import multiprocessing
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from loadtest.client import png_b64  # noqa: E402
+from loadtest.stack import local_stack  # noqa: E402
 
 
 def _free_port() -> int:
@@ -143,48 +142,12 @@ def main() -> None:
     env.pop("BSCE_API_TOKEN", None)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    bin_dir = Path(sys.executable).parent
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "learner.worker", "--epochs", str(args.epochs)],
-        cwd=REPO,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = subprocess.Popen(
-        [
-            str(bin_dir / "bentoml"),
-            "serve",
-            "server.service:BsceServe",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=REPO,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     results: dict = {
         "command": "scripts/serve_bench.py " + " ".join(sys.argv[1:]),
         "epochs": args.epochs,
         "api_workers": 2,
     }
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server not ready")
-            time.sleep(0.5)
+    with local_stack(env, port, ["--epochs", str(args.epochs)], quiet=True, ready_timeout_s=240):
         job, _ = _learn(url, subset, [0, 1])
         first = _wait_job(url, job)
         print(f"version {first['version']} learned two classes", flush=True)
@@ -291,15 +254,6 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
         print(f"wrote {args.out}")
-    finally:
-        for proc in (server, worker):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (server, worker):
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

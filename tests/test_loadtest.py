@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +20,6 @@ from typing import Any
 
 import pytest
 import redis
-import requests
 import torch
 
 import learner.bench as bench
@@ -34,12 +31,12 @@ from learner.versioning import initial_payload
 from loadtest import replay
 from loadtest.client import Client
 from loadtest.run import run_locust, summarise, version_changes
+from loadtest.stack import Stack, StackError, local_stack
 from loadtest.swap_under_load import analyse
 from tests.test_server_support import (  # noqa: F401  (fixtures are used by name)
     TEST_REDIS_URL,
     drop_prefix,
     fixture_server_redis,
-    stop_process,
 )
 from tests.test_storage_support import free_port
 
@@ -52,13 +49,11 @@ PROTOCOL = "cifar10-subset-b0-s5"
 
 
 class LoadTestServer:
-    def __init__(self, url: str, home: Path, logs: dict[str, Path]) -> None:
-        self.url, self.home, self.logs = url, home, logs
+    def __init__(self, stack: Stack, home: Path) -> None:
+        self.url, self.home, self.stack = stack.url, home, stack
 
     def log_tail(self) -> str:
-        return "\n".join(
-            f"--- {n} ---\n" + p.read_text(errors="replace")[-3000:] for n, p in self.logs.items()
-        )
+        return self.stack.log_tail(3000)
 
 
 @pytest.fixture(name="lt_server", scope="module")
@@ -84,53 +79,24 @@ def fixture_lt_server(
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("BSCE_PREDICT_TOKEN", None)
-    logs = {"server": tmp / "server.log", "worker": tmp / "worker.log"}
-    worker_cmd = [
-        sys.executable, "-m", "learner.worker", "--backbone", "resnet8", "--epochs", "1",
-        "--memory", str(MEMORY), "--seed", str(SEED), "--claim-timeout", "60",
+    worker_args = [
+        "--backbone", "resnet8", "--epochs", "1", "--memory", str(MEMORY), "--seed", str(SEED),
+        "--claim-timeout", "60",
     ]  # fmt: skip
-    serve_cmd = [
-        str(Path(sys.executable).parent / "bentoml"), "serve", "server.service:BsceServe",
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    procs = []
-    server = LoadTestServer(f"http://127.0.0.1:{port}", home, logs)
     try:
-        for name, cmd in (("worker", worker_cmd), ("server", serve_cmd)):
-            out = open(logs[name], "wb")  # noqa: SIM115  (closed with the process)
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    cwd=REPO,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )  # fmt: skip
-            )
-        deadline = time.monotonic() + 180
-        ready = 0
-        while ready < 2 * WORKERS:
-            for p in procs:
-                if p.poll() is not None:
-                    pytest.fail(f"{p.args[:3]} exited with {p.returncode}\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not become ready\n{server.log_tail()}")
-            try:
-                ready = ready + 1 if requests.get(server.url + "/readyz", timeout=10).ok else 0
-            except requests.RequestException:  # not listening yet, or busy starting
-                ready = 0
-            time.sleep(0.2)
-        # Ready answers may all come from one worker: wait until every worker serves v0.
-        with Client(server.url) as client:
-            while len([v for v in client.served_versions().values() if v >= 0]) < WORKERS:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"not every worker loaded a version\n{server.log_tail()}")
-                time.sleep(0.2)
-        yield server
+        with local_stack(env, port, worker_args, log_dir=tmp) as stack:
+            server = LoadTestServer(stack, home)
+            # Ready answers may all come from one worker: wait until every worker serves v0.
+            deadline = time.monotonic() + 180
+            with Client(server.url) as client:
+                while len([v for v in client.served_versions().values() if v >= 0]) < WORKERS:
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"not every worker loaded a version\n{server.log_tail()}")
+                    time.sleep(0.2)
+            yield server
+    except StackError as e:
+        pytest.fail(str(e))
     finally:
-        for p in reversed(procs):
-            stop_process(p)
         drop_prefix(server_redis, prefix)
 
 

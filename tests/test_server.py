@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +23,7 @@ import redis
 import requests
 import torch
 
+from loadtest.stack import Stack, StackError, local_stack
 from storage import Storage
 from tests.test_server_support import (  # noqa: F401  (fixtures are used by name)
     TEST_REDIS_URL,
@@ -34,7 +33,6 @@ from tests.test_server_support import (  # noqa: F401  (fixtures are used by nam
     encode,
     fixture_server_redis,
     random_image,
-    stop_process,
 )
 from tests.test_storage_support import free_port
 
@@ -49,7 +47,7 @@ MAX_BODY = 1_000_000
 class Server:
     url: str
     storage: Storage
-    logs: dict[str, Path]
+    stack: Stack
 
     def get(self, path: str, **kw: Any) -> requests.Response:
         return requests.get(self.url + path, timeout=60, **kw)
@@ -58,10 +56,7 @@ class Server:
         return requests.post(self.url + path, timeout=120, **kw)
 
     def log_tail(self) -> str:
-        return "\n".join(
-            f"--- {name} ---\n" + p.read_text(errors="replace")[-4000:]
-            for name, p in self.logs.items()
-        )
+        return self.stack.log_tail()
 
 
 @pytest.fixture(name="server", scope="module")
@@ -89,49 +84,22 @@ def fixture_server(
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("BSCE_PREDICT_TOKEN", None)
-    logs = {"server": tmp / "server.log", "worker": tmp / "worker.log"}
-    worker_cmd = [
-        sys.executable, "-m", "learner.worker", "--backbone", "resnet8", "--epochs", "1",
-        "--memory", "40", "--claim-timeout", "60",
-    ]  # fmt: skip
-    serve_cmd = [
-        str(Path(sys.executable).parent / "bentoml"), "serve", "server.service:BsceServe",
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    procs = []
+    worker_args = [
+        "--backbone",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--memory",
+        "40",
+        "--claim-timeout",
+        "60",
+    ]
     try:
-        for name, cmd in (("worker", worker_cmd), ("server", serve_cmd)):
-            out = open(logs[name], "wb")  # noqa: SIM115  (closed with the process)
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    cwd=REPO,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        server = Server(
-            f"http://127.0.0.1:{port}", Storage(server_redis, prefix, bentoml_home=home), logs
-        )
-        deadline = time.monotonic() + 180
-        ready = 0
-        while ready < 2 * WORKERS:  # several answers in a row: both workers are up
-            for p in procs:
-                if p.poll() is not None:
-                    pytest.fail(f"{p.args[:3]} exited with {p.returncode}\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not become ready\n{server.log_tail()}")
-            try:
-                ready = ready + 1 if server.get("/readyz").status_code == 200 else 0
-            except requests.ConnectionError:
-                ready = 0
-            time.sleep(0.2)
-        yield server
+        with local_stack(env, port, worker_args, log_dir=tmp) as stack:
+            yield Server(stack.url, Storage(server_redis, prefix, bentoml_home=home), stack)
+    except StackError as e:
+        pytest.fail(str(e))
     finally:
-        for p in reversed(procs):
-            stop_process(p)
         drop_prefix(server_redis, prefix)
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
-import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -114,17 +112,3 @@ def fixture_storage(server_redis: redis.Redis, tmp_path: Path) -> Iterator[Stora
     prefix = f"bsce-srvtest-{uuid.uuid4().hex[:12]}"
     yield Storage(server_redis, prefix, bentoml_home=tmp_path / "bentoml")
     drop_prefix(server_redis, prefix)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a process group started with start_new_session, SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    except ProcessLookupError:
-        pass
