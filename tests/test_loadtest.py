@@ -11,7 +11,6 @@ server: the replay's data selection, the seeding difference between the learner 
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,9 +33,9 @@ from loadtest.run import run_locust, summarise, version_changes
 from loadtest.stack import Stack, StackError, local_stack
 from loadtest.swap_under_load import analyse
 from tests.test_server_support import (  # noqa: F401  (fixtures are used by name)
-    TEST_REDIS_URL,
     drop_prefix,
     fixture_server_redis,
+    stack_env,
 )
 from tests.test_storage_support import free_port
 
@@ -64,21 +63,9 @@ def fixture_lt_server(
     tmp = tmp_path_factory.mktemp("loadtest-server")
     home = tmp / "bentoml"
     port = free_port()
-    env = {
-        **os.environ,
-        "REDIS_URL": TEST_REDIS_URL,
-        "BSCE_PREFIX": prefix,
-        "BENTOML_HOME": str(home),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "BSCE_API_TOKEN": TOKEN,
-        "BSCE_WORKERS": str(WORKERS),
-        "BSCE_TORCH_THREADS": "1",
-        # Smaller than the replay's first chunk: exercises its 413 -> smaller chunks path.
-        "BSCE_MAX_BATCH": "32",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("BSCE_PREDICT_TOKEN", None)
+    # BSCE_MAX_BATCH smaller than the replay's first chunk: exercises its 413 -> smaller
+    # chunks path.
+    env = stack_env(prefix, home, TOKEN, WORKERS, BSCE_MAX_BATCH="32")
     worker_args = [
         "--backbone", "resnet8", "--epochs", "1", "--memory", str(MEMORY), "--seed", str(SEED),
         "--claim-timeout", "60",

@@ -8,7 +8,6 @@ the end. Tests that change the serving pointer run in one lifecycle test, in ord
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,13 +25,13 @@ import torch
 from loadtest.stack import Stack, StackError, local_stack
 from storage import Storage
 from tests.test_server_support import (  # noqa: F401  (fixtures are used by name)
-    TEST_REDIS_URL,
     b64,
     class_images,
     drop_prefix,
     encode,
     fixture_server_redis,
     random_image,
+    stack_env,
 )
 from tests.test_storage_support import free_port
 
@@ -67,23 +66,16 @@ def fixture_server(
     tmp = tmp_path_factory.mktemp("server")
     home = tmp / "bentoml"
     port = free_port()
-    env = {
-        **os.environ,
-        "REDIS_URL": TEST_REDIS_URL,
-        "BSCE_PREFIX": prefix,
-        "BENTOML_HOME": str(home),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "BSCE_API_TOKEN": ADMIN,
-        "BSCE_WORKERS": str(WORKERS),
-        "BSCE_TORCH_THREADS": "1",
-        "BSCE_MAX_BATCH": "8",
-        "BSCE_MAX_LEARN_IMAGES": "64",
-        "BSCE_MAX_BODY_BYTES": str(MAX_BODY),
-        "BSCE_MAX_IMAGE_PIXELS": str(256 * 256),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("BSCE_PREDICT_TOKEN", None)
+    env = stack_env(
+        prefix,
+        home,
+        ADMIN,
+        WORKERS,
+        BSCE_MAX_BATCH="8",
+        BSCE_MAX_LEARN_IMAGES="64",
+        BSCE_MAX_BODY_BYTES=str(MAX_BODY),
+        BSCE_MAX_IMAGE_PIXELS=str(256 * 256),
+    )
     worker_args = [
         "--backbone",
         "resnet8",

@@ -112,3 +112,25 @@ def fixture_storage(server_redis: redis.Redis, tmp_path: Path) -> Iterator[Stora
     prefix = f"bsce-srvtest-{uuid.uuid4().hex[:12]}"
     yield Storage(server_redis, prefix, bentoml_home=tmp_path / "bentoml")
     drop_prefix(server_redis, prefix)
+
+
+def stack_env(
+    prefix: str, bentoml_home: Path, token: str, workers: int, **settings: str
+) -> dict[str, str]:
+    """Environment for a test stack on the test Redis under its own prefix; ``settings`` are
+    extra ``BSCE_*`` variables. One thread per process keeps 2 cores from oversubscribing."""
+    env = {
+        **os.environ,
+        "REDIS_URL": TEST_REDIS_URL,
+        "BSCE_PREFIX": prefix,
+        "BENTOML_HOME": str(bentoml_home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "BSCE_API_TOKEN": token,
+        "BSCE_WORKERS": str(workers),
+        "BSCE_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **settings,
+    }
+    env.pop("BSCE_PREDICT_TOKEN", None)
+    return env
