@@ -19,6 +19,9 @@ from learner.model import IncrementalNet
 PAYLOAD_FORMAT = "bsce-serve/version-1"
 _MODEL_PREFIX = "model."
 _MEANS_KEY = "nme.class_means"
+# The learner's random stream where this version left it: the next step continues from it,
+# so a lineage of versions draws exactly what one offline run (learner.bench) would.
+RNG_KEY = "rng.state"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ def version_payload(
     augment: AugmentConfig,
     class_means: torch.Tensor | None = None,
     config: StepConfig | None = None,
+    generator: torch.Generator | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if len(class_names) != model.num_classes:
@@ -50,6 +54,8 @@ def version_payload(
     tensors = {_MODEL_PREFIX + k: v for k, v in model.to_tensors().items()}
     if class_means is not None:
         tensors[_MEANS_KEY] = class_means.detach().cpu().float().contiguous()
+    if generator is not None:
+        tensors[RNG_KEY] = generator.get_state().contiguous()
     metadata: dict[str, Any] = {
         "payload_format": PAYLOAD_FORMAT,
         "model": model.describe(),
@@ -78,16 +84,33 @@ def load_version(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any
     )
 
 
+def step_generator(tensors: Mapping[str, torch.Tensor], fallback_seed: int) -> torch.Generator:
+    """The generator a step on top of this version draws from: the version's saved stream,
+    or (a version written before streams were saved) a fresh one from ``fallback_seed``."""
+    generator = torch.Generator()
+    state = tensors.get(RNG_KEY)
+    if state is None:
+        return generator.manual_seed(fallback_seed)
+    generator.set_state(state.to(torch.uint8).contiguous())
+    return generator
+
+
 def initial_payload(
     config: StepConfig, seed: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Version 0: a freshly initialised network with no classes yet."""
-    model = IncrementalNet.create(config.model, torch.Generator().manual_seed(seed))
+    """Version 0: a freshly initialised network with no classes yet.
+
+    As in ``learner.bench.run_protocol``, the weights come first from ``Generator(seed)``
+    and the training steps continue the same stream (saved with the version).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    model = IncrementalNet.create(config.model, generator)
     return version_payload(
         model,
         class_names=[],
         counts=[],
         augment=config.augment,
         config=config,
-        extra={"seed": seed},
+        generator=generator,
+        extra={"seed": seed, "rng": "seed"},
     )

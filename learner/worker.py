@@ -33,7 +33,13 @@ from learner.config import DistillConfig, MemoryConfig, ModelConfig, OptimConfig
 from learner.exemplars import ExemplarMemory
 from learner.machine import describe_machine, resolve_device
 from learner.step import StepData, train_step
-from learner.versioning import initial_payload, load_version, version_payload
+from learner.versioning import (
+    RNG_KEY,
+    initial_payload,
+    load_version,
+    step_generator,
+    version_payload,
+)
 from storage.errors import JobStateError
 
 log = logging.getLogger("bsce.worker")
@@ -155,13 +161,18 @@ class Worker:
             step_config = apply_overrides(self.config.step, job.overrides)
             indices = self.storage.labels.get_or_add(job.labels)
             t_load = time.perf_counter()
-            parent, model_state, memory = self._load_parent()
+            parent, model_state, memory, parent_tensors = self._load_parent()
             load_s = time.perf_counter() - t_load
 
             labels = torch.tensor(indices, dtype=torch.int64)
             data = StepData(torch.from_numpy(np.ascontiguousarray(job.samples)), labels)
             version = self.storage.versions.next_version()
-            generator = torch.Generator().manual_seed(self.config.seed + version)
+            # The step continues its parent's random stream, so a lineage of versions is the
+            # same computation as one offline run with the same seed (learner.bench). A retry
+            # of the job starts again from the same parent state: the same version comes out.
+            generator = step_generator(parent_tensors, self.config.seed + version)
+            rng = "parent" if RNG_KEY in parent_tensors else "seed+version"
+            del parent_tensors
             result = train_step(
                 model_state.model,
                 data,
@@ -180,11 +191,13 @@ class Worker:
                 augment=step_config.augment,
                 class_means=result.class_means,
                 config=step_config,
+                generator=generator,
                 extra={
                     "parent_version": parent,
                     "step": int(model_state.metadata.get("step", 0)) + 1,
                     "active_classes": active,
-                    "seed": self.config.seed + version,
+                    "seed": self.config.seed,
+                    "rng": rng,
                     "report": result.report.model_dump(),
                     "machine": describe_machine(self.device),
                     "metrics": {
@@ -230,7 +243,7 @@ class Worker:
         finally:
             heartbeat.stop()
 
-    def _load_parent(self) -> tuple[int, Any, ExemplarMemory]:
+    def _load_parent(self) -> tuple[int, Any, ExemplarMemory, Mapping[str, torch.Tensor]]:
         """The version the step builds on: the served one, or while a pin holds serving still,
         the newest (learning goes on behind a pin)."""
         versions = self.storage.versions
@@ -239,7 +252,7 @@ class Worker:
             parent = versions.latest()
         tensors, metadata = versions.load(parent)
         state = load_version(tensors, {**metadata})
-        return parent, state, _memory_from_tensors(tensors)
+        return parent, state, _memory_from_tensors(tensors), tensors
 
     def _on_epoch(
         self, job_id: str, heartbeat: _Heartbeat, epoch: int, epochs: int, loss: float
@@ -335,6 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--seed", type=int, default=int(env("BSCE_SEED", "1993")))
     p.add_argument("--device", default=env("BSCE_DEVICE", "auto"))
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(env("BSCE_THREADS", "0")),
+        help="torch CPU threads (0: torch's default). Float rounding in training depends on "
+        "it: match the offline run's to reproduce it bit for bit",
+    )
     p.add_argument("--claim-timeout", type=float, default=float(env("BSCE_CLAIM_TIMEOUT_S", "120")))
     p.add_argument(
         "--consumer", default=None, help="consumer name in the job group (default host-pid)"
@@ -342,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--once", action="store_true", help="process one job, then exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads < 0:
+        raise SystemExit("--threads must be 0 (torch's default) or more")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from storage import open_storage
 

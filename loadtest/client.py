@@ -121,9 +121,13 @@ class Client:
         images_b64: Sequence[str],
         labels: Sequence[str],
         overrides: dict[str, Any] | None = None,
+        classes: Sequence[str] | None = None,
     ) -> tuple[dict[str, Any], int]:
-        """Queue one job; (JobAccepted, request body bytes)."""
+        """Queue one job; (JobAccepted, request body bytes). ``classes``: the order in which
+        new classes get their index (default: first appearance in ``labels``)."""
         body: dict[str, Any] = {"images": list(images_b64), "labels": list(labels)}
+        if classes is not None:
+            body["classes"] = list(classes)
         if overrides:
             body["overrides"] = overrides
         data = json.dumps(body, separators=(",", ":")).encode()
@@ -180,18 +184,21 @@ class Client:
 
 
 def version_metadata(
-    info: dict[str, Any], bentoml_home: Path | None, version: int
+    client: Client, info: dict[str, Any], bentoml_home: Path | None, version: int
 ) -> tuple[dict[str, Any] | None, str]:
-    """The learner's full metadata of `version` (config, seed, report, machine) and where it
-    came from.
-
-    The HTTP API's VersionInfo carries only class names, counts and a few metrics; if it
-    carries ``config`` (a server that exposes the learner state) that is used. Otherwise the
-    version's ``state.json`` is read from the server's model store when its BENTOML_HOME is
-    given (same machine or shared disk). Else (None, "unavailable").
+    """The learner's metadata of `version` (config, seed, rng, report, machine) and where it
+    came from: GET /versions/{version} ("api"); from a server without that route, the
+    version's ``state.json`` in the server's model store when its BENTOML_HOME is given
+    ("model-store"); else (None, "unavailable").
     """
-    if isinstance(info.get("config"), dict):
-        return info, "api"
+    try:
+        detail = client.get_json(f"/versions/{int(version)}")
+    except ServerError as e:
+        if e.status != 404:
+            raise
+        detail = None
+    if detail is not None and isinstance(detail.get("config"), dict):
+        return {**detail["info"], **{k: v for k, v in detail.items() if k != "info"}}, "api"
     if bentoml_home is not None:
         tag = str(info.get("tag") or f"bsce-classifier:v{version}")
         name, _, ver = tag.partition(":")

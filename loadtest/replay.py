@@ -74,20 +74,18 @@ def truncated_protocol(
 
 def step_indices(
     train_y: torch.Tensor, lo: int, hi: int, max_train_per_class: int | None
-) -> tuple[torch.Tensor, bool]:
-    """Training-set indices of the step whose learning-order labels are lo..hi-1.
+) -> torch.Tensor:
+    """Training-set indices of the step whose learning-order labels are lo..hi-1, in the
+    order ``learner.bench.run_protocol`` trains on them (dataset order, then the cap).
 
-    The same images as ``learner.bench.run_protocol`` takes, grouped by learning-order label
-    (stable): the server's label map numbers new classes in order of first appearance in the
-    request, so grouping makes those numbers equal the learning order. After
-    ``_limit_per_class`` (``--max-train-per-class``) the offline runner's order is already
-    grouped; the second value says whether the order is the offline runner's.
+    They are posted in this order with ``classes`` = the step's classes in learning order,
+    so the server's label-map indices equal the offline runner's labels and the learner
+    worker sees the very same tensors.
     """
     idx = ((train_y >= lo) & (train_y < hi)).nonzero().squeeze(1)
     if max_train_per_class is not None:
         idx = limit_per_class(idx, train_y, max_train_per_class)
-    grouped = idx[torch.argsort(train_y[idx], stable=True)]
-    return grouped, bool(torch.equal(grouped, idx))
+    return idx
 
 
 # -- evaluation through /predict -------------------------------------------------------------
@@ -224,6 +222,16 @@ def check_server_config(
     return problems
 
 
+def _worker_seed(meta: dict[str, Any], version: int) -> int | None:
+    """The learner worker's --seed, from a version's metadata."""
+    if "seed" not in meta:
+        return None
+    if meta.get("rng") in ("seed", "parent"):
+        return int(meta["seed"])
+    # Versions written before the random stream was saved recorded seed + version.
+    return int(meta["seed"]) - version
+
+
 def _derived_epochs(metrics: dict[str, Any], counts: Sequence[int]) -> int | None:
     ips, secs = metrics.get("train_images_per_second"), metrics.get("train_seconds")
     total = sum(int(c) for c in counts)
@@ -267,14 +275,15 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         )
     base_version = int(versions["current"])
     base_info = client.version_info(base_version)
-    base_meta, config_source = version_metadata(base_info, args.bentoml_home, base_version)
+    base_meta, config_source = version_metadata(
+        client, base_info, args.bentoml_home, base_version
+    )
     server_workers = client.server_workers()
 
     worker_seed: int | None = None
     if base_meta is not None and isinstance(base_meta.get("config"), dict):
         base_config = base_meta["config"]
-        if "seed" in base_meta:
-            worker_seed = int(base_meta["seed"]) - base_version
+        worker_seed = _worker_seed(base_meta, base_version)
         problems = check_server_config(base_config, worker_seed, args, dataset)
         if problems and not args.ignore_config_mismatch:
             raise ReplayError("; ".join(problems))
@@ -293,7 +302,7 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     reports: list[dict[str, Any]] = []
     step_configs: list[dict[str, Any] | None] = []
     learner_machine: dict[str, Any] | None = None
-    seeds: list[int | None] = []
+    step_rng: list[str | None] = []
     test_cache: dict[int, list[str]] = {}
     seen = 0
     step_source = config_source
@@ -303,12 +312,14 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     )
     for t, step in enumerate(steps):
         lo, hi = seen, seen + len(step)
-        idx, same_order = step_indices(train_y, lo, hi, args.max_train_per_class)
+        idx = step_indices(train_y, lo, hi, args.max_train_per_class)
         images = encode_images(dataset.train.images[idx].numpy())
         labels = [str(n) for n in train_names[dataset.train.labels[idx].numpy()]]
         t_post = time.time()
         try:
-            accepted, body_bytes = client.learn(images, labels, overrides or None)
+            accepted, body_bytes = client.learn(
+                images, labels, overrides or None, classes=names[lo:hi]
+            )
         except ServerError as e:
             if e.status == 413:
                 raise ReplayError(
@@ -339,7 +350,7 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         cnn_eval.add_step(y_true, y_pred, step_sizes[: t + 1], topk_pred=topk)
 
         info = client.version_info(version)
-        meta, source = version_metadata(info, args.bentoml_home, version)
+        meta, source = version_metadata(client, info, args.bentoml_home, version)
         counts = list(info.get("counts") or [])
         metrics = dict(info.get("metrics") or {})
         if meta is not None and isinstance(meta.get("report"), dict):
@@ -347,7 +358,9 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             step_configs.append(meta.get("config"))
             step_source = source
             learner_machine = meta.get("machine") or learner_machine
-            seeds.append(meta.get("seed"))
+            step_rng.append(meta.get("rng"))
+            if worker_seed is None:
+                worker_seed = _worker_seed(meta, version)
         else:
             epochs = _derived_epochs(metrics, counts) if isinstance(counts, list) else None
             report = {
@@ -361,7 +374,7 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 "selection_seconds": None,
             }
             step_configs.append(None)
-            seeds.append(None)
+            step_rng.append(None)
         report["accuracy"] = cnn_eval.result().accuracy_per_step[-1]
         report["memory"] = metrics.get("exemplars")
         submitted = parse_time(status.get("submitted"))
@@ -379,7 +392,6 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             # From the start of POST /learn to the first /predict answered by the new version.
             "learn_latency_seconds": served_at - t_post,
             "swap_seconds": None if finished is None else served_at - finished,
-            "sample_order_as_offline": same_order,
             "test_images": len(batch_b64),
             **eval_stats,
         }
@@ -406,8 +418,6 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     else:
         config_source = step_source
     distinct = {json.dumps(c, sort_keys=True) for c in step_configs if c}
-    if worker_seed is None and seeds and seeds[0] is not None:
-        worker_seed = int(seeds[0]) - reports[0]["http"]["version"]
     seed = worker_seed if worker_seed is not None else (args.seed or WORKER_DEFAULT_SEED)
     trained = [r.get("images_trained") for r in reports]
     train_s = [r.get("train_seconds") for r in reports]
@@ -426,8 +436,10 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         "class_order": [int(c) for c in order],
         "class_names": names,
         "seed": seed,
-        "seed_rule": "learner worker: the job that makes version v trains with seed + v",
-        "step_seeds": seeds,
+        "seed_rule": "version 0's weights come from Generator(seed); each step continues its "
+        "parent version's random stream (step_rng 'parent'), as learner.bench draws a whole "
+        "run from one generator",
+        "step_rng": step_rng,
         "order_seed": protocol.class_order,
         "max_train_per_class": args.max_train_per_class,
         "data_source": dataset.source,

@@ -79,6 +79,12 @@ class LearnRequest(_Request):
 
     images: list[Base64Image] = Field(min_length=1)
     labels: list[ClassName] = Field(min_length=1, description="One class name per image")
+    classes: list[ClassName] | None = Field(
+        None,
+        description="Optional: the distinct labels, in the order new ones get their class "
+        "index (default: order of first appearance in labels). Lets a client post samples "
+        "in any order and still fix the head's row order",
+    )
     overrides: dict[str, Any] | None = Field(
         None,
         description="Per-job training overrides the learner accepts: method, epochs, lr, "
@@ -93,6 +99,7 @@ class LearnUpload(_Request):
 
     files: list[Path] = Field(min_length=1)
     labels: list[ClassName] = Field(min_length=1)
+    classes: list[ClassName] | None = None
     overrides: dict[str, Any] | None = None
 
 
@@ -101,7 +108,10 @@ class JobAccepted(BaseModel):
     state: Literal["queued"] = "queued"
     status_url: str
     num_samples: int
-    classes: list[str] = Field(description="Classes in this job, in order of first appearance")
+    classes: list[str] = Field(
+        description="Classes in this job, in the order they were registered (the request's "
+        "classes, else order of first appearance)"
+    )
     new_classes: list[str] = Field(description="Classes the label map did not know before")
 
 
@@ -123,6 +133,28 @@ class VersionList(BaseModel):
     pinned: int | None
     history: list[int] = Field(description="Earlier served versions, newest first")
     versions: list[VersionInfo]
+
+
+class VersionDetail(BaseModel):
+    """One version: its registry entry and what the learner recorded with it."""
+
+    info: VersionInfo
+    config: dict[str, Any] | None = Field(
+        None, description="The learner's step config (pydantic StepConfig as JSON)"
+    )
+    seed: int | None = Field(None, description="The learner worker's --seed")
+    rng: str | None = Field(
+        None,
+        description="Where the step's random stream came from: 'seed' (version 0), "
+        "'parent' (continued from the parent version's saved stream)",
+    )
+    parent_version: int | None = None
+    step: int | None = None
+    active_classes: list[bool] | None = None
+    report: dict[str, Any] | None = Field(
+        None, description="The training step's report: losses, timings, images/s"
+    )
+    machine: dict[str, Any] | None = Field(None, description="Where the learner trained it")
 
 
 class WorkerVersion(BaseModel):

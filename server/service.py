@@ -69,6 +69,7 @@ from .schemas import (
     PredictRequest,
     PredictResponse,
     PredictUpload,
+    VersionDetail,
     VersionList,
     WorkerVersion,
 )
@@ -119,6 +120,11 @@ async def _http_current(_: Request) -> Response:
     return await _get(lambda s: s.current_version())
 
 
+async def _http_version(request: Request) -> Response:
+    version = request.path_params["version"]
+    return await _get(lambda s: s.version_detail(version))
+
+
 async def _http_classes(_: Request) -> Response:
     return await _get(lambda s: s.list_classes())
 
@@ -148,6 +154,12 @@ async def _http_openapi(_: Request) -> Response:
 GET_ROUTES: list[tuple[str, Callable[[Request], Any], type[BaseModel], str]] = [
     ("/versions", _http_versions, VersionList, "All saved versions and the serving pointer"),
     ("/versions/current", _http_current, CurrentVersion, "The served version"),
+    (
+        "/versions/{version:int}",
+        _http_version,
+        VersionDetail,
+        "One version with the learner's config, seed and step report",
+    ),
     ("/classes", _http_classes, ClassList, "Classes the served version predicts, with counts"),
     ("/jobs", _http_jobs, JobList, "The newest learning jobs (?limit=50)"),
     ("/jobs/{job_id}", _http_job, JobStatusResponse, "One learning job's status"),
@@ -172,7 +184,10 @@ GATEWAY_ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/classes"): Route("read", reword_validation=False),
     ("GET", "/jobs"): Route("read", reword_validation=False),
 }
-GATEWAY_PREFIXES = [("GET", "/jobs/", Route("read", reword_validation=False))]
+GATEWAY_PREFIXES = [
+    ("GET", "/jobs/", Route("read", reword_validation=False)),
+    ("GET", "/versions/", Route("read", reword_validation=False)),
+]
 
 
 # -- the service ---------------------------------------------------------------------------
@@ -322,7 +337,11 @@ class BsceServe:
 
     @bentoml.api(route="/learn", input_spec=LearnRequest)
     async def learn(
-        self, images: list[str], labels: list[str], overrides: dict[str, Any] | None = None
+        self,
+        images: list[str],
+        labels: list[str],
+        classes: list[str] | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> JobAccepted:
         """Queue labelled images (base64, JSON) for learning; answers 202 with a job id.
 
@@ -334,17 +353,22 @@ class BsceServe:
             lambda: [b64decode(s, f"image {i}") for i, s in enumerate(images)],
             len(images),
             labels,
+            classes,
             overrides,
         )
 
     @bentoml.api(route="/learn/upload", input_spec=LearnUpload)
     async def learn_upload(
-        self, files: list[Path], labels: list[str], overrides: dict[str, Any] | None = None
+        self,
+        files: list[Path],
+        labels: list[str],
+        classes: list[str] | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> JobAccepted:
         """Like /learn, with multipart/form-data ``files`` parts and a ``labels`` field
         holding a JSON array of class names, one per file."""
         return await self._learn(
-            "learn/upload", lambda: _read_files(files), len(files), labels, overrides
+            "learn/upload", lambda: _read_files(files), len(files), labels, classes, overrides
         )
 
     async def _learn(
@@ -353,6 +377,7 @@ class BsceServe:
         blobs: Callable[[], list[bytes]],
         count: int,
         labels: Sequence[str],
+        classes: Sequence[str] | None,
         overrides: dict[str, Any] | None,
     ) -> Any:
         try:
@@ -365,10 +390,11 @@ class BsceServe:
                     400, f"{count} images but {len(labels)} labels; send one label per image"
                 )
             names = [_checked_name(n, i) for i, n in enumerate(labels)]
+            order = _checked_classes(classes, names)
             checked_overrides = _checked_overrides(overrides)
             samples = await self._decode(endpoint, blobs, served.chw, exact_size=True)
             accepted = await anyio.to_thread.run_sync(
-                self._submit, samples, names, checked_overrides
+                self._submit, samples, names, order, checked_overrides
             )
         except ApiError as e:
             return self._refuse(endpoint, e)
@@ -376,7 +402,11 @@ class BsceServe:
         return _json(accepted, status=202)
 
     def _submit(
-        self, samples: np.ndarray, names: list[str], overrides: dict[str, Any] | None
+        self,
+        samples: np.ndarray,
+        names: list[str],
+        classes: list[str],
+        overrides: dict[str, Any] | None,
     ) -> JobAccepted:
         jobs, label_map = self.storage.jobs, self.storage.labels
         size = samples.nbytes + len(json.dumps(names)) + len(json.dumps(overrides or {}))
@@ -385,7 +415,6 @@ class BsceServe:
             raise ApiError(
                 413, f"the decoded job is {size} bytes; the store's limit is {jobs.max_job_bytes}"
             )
-        classes = list(dict.fromkeys(names))
         try:
             new = [n for n in classes if label_map.get(n) is None]
             label_map.get_or_add(classes)
@@ -455,6 +484,18 @@ class BsceServe:
             pinned=state.pinned,
             history=state.history,
             versions=versions.list(),
+        )
+
+    def version_detail(self, version: int) -> VersionDetail:
+        versions = self.storage.versions
+        try:
+            info = versions.info(version)
+            meta = versions.metadata(version)
+        except UnknownVersionError as e:
+            raise ApiError(404, str(e)) from None
+        return VersionDetail(
+            info=info,
+            **{k: meta.get(k) for k in VersionDetail.model_fields if k != "info"},
         )
 
     def current_version(self) -> CurrentVersion:
@@ -572,11 +613,32 @@ def _read_files(paths: Sequence[Path]) -> list[bytes]:
     return [Path(p).read_bytes() for p in paths]
 
 
-def _checked_name(name: object, i: int) -> str:
+def _checked_name(name: object, i: int, field: str = "label") -> str:
     try:
         return validate_name(name)
     except InvalidInputError as e:
-        raise ApiError(400, f"label {i}: {e}") from None
+        raise ApiError(400, f"{field} {i}: {e}") from None
+
+
+def _checked_classes(classes: Sequence[str] | None, names: Sequence[str]) -> list[str]:
+    """The registration order: the request's ``classes`` (each label exactly once), else the
+    order of first appearance."""
+    distinct = list(dict.fromkeys(names))
+    if classes is None:
+        return distinct
+    order = [_checked_name(n, i, field="classes") for i, n in enumerate(classes)]
+    if len(set(order)) != len(order):
+        raise ApiError(400, "classes must list each class once")
+    if set(order) != set(distinct):
+        missing = sorted(set(distinct) - set(order))[:5]
+        extra = sorted(set(order) - set(distinct))[:5]
+        raise ApiError(
+            400,
+            "classes must be exactly the distinct labels"
+            + (f"; not in classes: {missing}" if missing else "")
+            + (f"; no image labelled {extra}" if extra else ""),
+        )
+    return order
 
 
 def _checked_overrides(overrides: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -608,15 +670,24 @@ def openapi_document(service: Any) -> dict[str, Any]:
         return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
 
     error = {"description": "Refused; the body says why", "content": ref(ErrorBody)}
-    for path, _, model, summary in GET_ROUTES:
+    for route_path, _, model, summary in GET_ROUTES:
+        # Starlette's "{version:int}" is OpenAPI's "{version}" with an integer schema.
+        params = re.findall(r"\{(\w+)(?::(\w+))?\}", route_path)
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route_path)
         op: dict[str, Any] = {
             "summary": summary,
             "operationId": "get_" + re.sub(r"[^a-z_]", "", path.strip("/").replace("/", "_")),
             "responses": {"200": {"description": "OK", "content": ref(model)}, "4XX": error},
         }
-        if "{job_id}" in path:
+        if params:
             op["parameters"] = [
-                {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                {
+                    "name": name,
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer" if kind == "int" else "string"},
+                }
+                for name, kind in params
             ]
         paths[path] = {"get": op}
     for (method, path), route in GATEWAY_ROUTES.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,5 +106,26 @@ def open_storage(
     bentoml_home: Path | str | None = None,
     **kwargs: Any,
 ) -> Storage:
-    """`connect` + `Storage`, from the environment's settings unless given."""
+    """`connect` + `Storage`, from the environment's settings unless given.
+
+    `BSCE_MAX_JOB_BYTES` sets the largest job (decoded samples) the queue takes; the server
+    and the workers of a deployment should agree on it.
+    """
+    if "max_job_bytes" not in kwargs:
+        kwargs["max_job_bytes"] = max_job_bytes_from_env()
     return Storage(connect(redis_url, data_dir), prefix, bentoml_home=bentoml_home, **kwargs)
+
+
+def max_job_bytes_from_env() -> int:
+    raw = os.environ.get("BSCE_MAX_JOB_BYTES")
+    if not raw:
+        return DEFAULT_MAX_JOB_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"BSCE_MAX_JOB_BYTES must be a whole number of bytes, got {raw!r}"
+        ) from None
+    if value <= 0:
+        raise ValueError(f"BSCE_MAX_JOB_BYTES must be positive, got {value}")
+    return value

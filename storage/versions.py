@@ -409,6 +409,10 @@ class VersionStore:
                 f"BentoML store at {self.model_store._path}"
             ) from None
 
+    def metadata(self, version: int) -> dict[str, Any]:
+        """The full learner metadata of `version` (its state.json), without the weights."""
+        return json.loads((self.model_dir(version) / STATE_FILE).read_text())
+
     def load(self, version: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Weights (on CPU) and the full metadata of `version`; checks the weights' digest."""
         info = self.info(version)

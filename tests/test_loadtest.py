@@ -4,8 +4,8 @@ One ``bentoml serve`` (2 API workers) and one learner worker (resnet8, memory 40
 start for the module, on the machine's Redis (database 12, a prefix of our own, deleted at
 the end) and a temporary BentoML home; both process groups are killed at the end. The
 replay runs first (it needs a fresh store), then the Locust smoke run. Tests without the
-server: the replay's data selection, the seeding difference between the learner worker and
-``learner.bench``, and the swap-window analysis on synthetic records.
+server: the replay's data selection, the random stream versions carry, and the swap-window
+analysis on synthetic records.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from learner.config import ModelConfig, StepConfig
 from learner.data import load_dataset
 from learner.model import IncrementalNet
 from learner.protocols import get_protocol, resolve_class_order
-from learner.versioning import initial_payload
+from learner.versioning import initial_payload, step_generator
 from loadtest import replay
 from loadtest.client import Client
 from loadtest.run import run_locust, summarise, version_changes
@@ -90,18 +90,9 @@ def fixture_lt_server(
 # -- offline reference -------------------------------------------------------------------------
 
 
-def offline_reference(result: dict[str, Any], proposed: bool) -> dict[str, Any]:
-    """``learner.bench.run_protocol`` on the replay's protocol, config, seed and data.
-
-    ``proposed``: with the two changes proposed for ``run_protocol`` (emulated here without
-    touching learner/): (1) each step's generator is ``Generator(seed + t + 1)``, the learner
-    worker's rule for the job that makes version t + 1 on a fresh store, instead of one
-    generator for the whole run; (2) a step's images grouped by learning-order label, as the
-    replay must post them (the label map numbers classes by first appearance). (2) is what
-    ``_limit_per_class`` already does, so a cap above any class size emulates it.
-    Without ``proposed``: run_protocol as it is. Threads as the learner used (they change
-    float rounding in training).
-    """
+def offline_reference(result: dict[str, Any]) -> dict[str, Any]:
+    """``learner.bench.run_protocol`` on the replay's protocol, config, seed and data, with
+    the thread count the learner worker used (it changes float rounding in training)."""
     protocol = get_protocol(PROTOCOL)
     dataset = load_dataset(protocol.dataset)
     order = resolve_class_order(protocol, dataset.train.class_names)
@@ -109,26 +100,15 @@ def offline_reference(result: dict[str, Any], proposed: bool) -> dict[str, Any]:
         protocol, order, result["protocol_config"]["num_steps"]
     )
     config = StepConfig.model_validate(result["config"])
-    original, threads = bench.train_step, torch.get_num_threads()
-    calls = {"t": 0}
-
-    def per_step_seed(*args: Any, generator: torch.Generator, **kwargs: Any) -> Any:
-        calls["t"] += 1
-        step_gen = torch.Generator().manual_seed(result["seed"] + calls["t"])
-        return original(*args, generator=step_gen, **kwargs)
-
-    cap = result["max_train_per_class"]
+    threads = torch.get_num_threads()
     torch.set_num_threads(int(result["machine"]["torch_threads"]))
-    if proposed:
-        bench.train_step = per_step_seed
-        cap = cap or len(dataset.train)
     try:
         return bench.run_protocol(
             short, config, dataset, short_order, seed=result["seed"],
-            device=torch.device("cpu"), max_train_per_class=cap, progress=False,
+            device=torch.device("cpu"), max_train_per_class=result["max_train_per_class"],
+            progress=False,
         )  # fmt: skip
     finally:
-        bench.train_step = original
         torch.set_num_threads(threads)
 
 
@@ -149,41 +129,37 @@ def test_replay_agrees_with_offline_runner(lt_server: LoadTestServer, tmp_path: 
     assert (tmp_path / replay.replay_filename(result)).with_suffix(".png").is_file()
 
     # The offline runner's keys, and what only HTTP can say.
-    offline = offline_reference(result, proposed=True)
+    offline = offline_reference(result)
     assert set(offline) - {"nme"} <= set(result)
     assert result["source"] == "http" and result["url"] == lt_server.url
     assert result["versions"] == [1, 2] and result["server"]["workers"] == WORKERS
-    assert result["config_source"] == "model-store"
+    assert result["config_source"] == "api"
     assert result["config"]["model"]["backbone"] == "resnet8"
     assert result["config"]["optim"]["epochs"] == 2  # the per-job override was applied
     assert result["memory"] == {"mode": "fixed_total", "size": MEMORY, "selection": "herding"}
-    assert result["seed"] == SEED and result["step_seeds"] == [SEED + 1, SEED + 2]
+    # Each step continued its parent's random stream, as run_protocol's one generator does.
+    assert result["seed"] == SEED and result["step_rng"] == ["parent", "parent"]
     for step in result["steps"]:
         h = step["http"]
         assert h["learn_latency_seconds"] > 0 and h["train_images"] == 200
         assert h["predict_batch"] == 32  # halved from 256 on the server's 413s
-    # The seed-1993 order learns classes 4 then 2, then 7 then 6; the archive (and
-    # run_protocol as it is) lists each step's images by class index, 2 and 6 first.
-    assert [s["http"]["sample_order_as_offline"] for s in result["steps"]] == [False, False]
     assert result["class_names"] == offline["class_names"]
     assert result["config"] == offline["config"]
 
-    as_is = offline_reference(result, proposed=False)
     print(
-        f"\nhttp {result['metrics']} {result['accuracy_matrix']}"
-        f"\noffline, proposed run_protocol {offline['metrics']} {offline['accuracy_matrix']}"
-        f"\noffline, run_protocol as it is {as_is['metrics']}"
+        f"\nhttp    {result['metrics']} {result['accuracy_matrix']}"
+        f"\noffline {offline['metrics']} {offline['accuracy_matrix']}"
     )
-    # Same recipe, data, order and per-step seeds: the same training (losses) and metrics.
+    # Same recipe, data in the same order, one random stream, same threads: the learner
+    # worker's training is run_protocol's, loss for loss.
     for mine, theirs in zip(result["steps"], offline["steps"], strict=True):
         assert mine["counts"] == theirs["counts"]
-        assert mine["loss_per_epoch"] == pytest.approx(theirs["loss_per_epoch"], rel=1e-4)
+        assert mine["loss_per_epoch"] == theirs["loss_per_epoch"]
     for key in ("avg_incremental_accuracy", "last_accuracy", "forgetting"):
         assert abs(result["metrics"][key] - offline["metrics"][key]) <= 1.0, key
     comparison = replay.compare(result, offline)
     assert comparison["within_one_point"] and comparison["machine_fields_differing"] == []
-    # Only the cap used to emulate the grouping differs.
-    assert comparison["config_fields_differing"] == ["max_train_per_class"]
+    assert comparison["config_fields_differing"] == []
 
 
 def test_locust_headless_smoke(lt_server: LoadTestServer, tmp_path: Path) -> None:
@@ -208,36 +184,33 @@ def test_locust_headless_smoke(lt_server: LoadTestServer, tmp_path: Path) -> Non
 # -- tests without the server ------------------------------------------------------------------
 
 
-def test_step_indices_group_by_learning_order() -> None:
-    # Interleaved labels, as in CIFAR's own batches: the replay groups them (stable).
+def test_step_indices_are_the_offline_runners() -> None:
+    # Interleaved labels, as in CIFAR's own batches: dataset order is kept (the server's
+    # label map takes the learning order from the request's classes, not from the samples).
     y = torch.tensor([3, 1, 0, 1, 0, 2, 1, 0])
-    idx, same = replay.step_indices(y, 0, 2, None)
-    assert idx.tolist() == [2, 4, 7, 1, 3, 6] and not same
-    # With a cap, the offline runner's order is already grouped: identical.
-    idx, same = replay.step_indices(y, 0, 2, 2)
-    assert idx.tolist() == [2, 4, 1, 3] and same
+    assert replay.step_indices(y, 0, 2, None).tolist() == [1, 2, 3, 4, 6, 7]
+    assert (
+        replay.step_indices(y, 0, 2, 2).tolist()
+        == bench.limit_per_class(torch.tensor([1, 2, 3, 4, 6, 7]), y, 2).tolist()
+    )
 
 
-def test_worker_and_bench_seed_their_steps_differently() -> None:
-    """Why ``learner.bench.run_protocol`` as it is cannot be reproduced bit for bit.
-
-    Version 0 (the learner worker's initial model) equals run_protocol's initial model: both
-    draw it from a generator seeded with ``seed``. But the job that makes version v trains
-    with a fresh ``Generator(seed + v)``, while run_protocol keeps drawing from the one
-    generator it created the model with: from step 1 on, head rows, augmentation and batch
-    order come from different random streams.
-    """
+def test_versions_carry_the_offline_runners_random_stream() -> None:
+    """Version 0 holds run_protocol's generator right after the model was drawn, and a step
+    on top of a version continues from that version's saved stream (learner.worker)."""
     config, seed = StepConfig(model=ModelConfig(backbone="resnet8")), SEED
-    tensors, _ = initial_payload(config, seed)
+    tensors, metadata = initial_payload(config, seed)
     gen = torch.Generator().manual_seed(seed)
     offline_model = IncrementalNet.create(config.model, gen)
     for k, v in offline_model.to_tensors().items():
         assert torch.equal(tensors["model." + k], v), k
-    worker_gen = torch.Generator().manual_seed(seed + 1)
-    assert not torch.equal(gen.get_state(), worker_gen.get_state())
-    assert not torch.equal(
-        torch.randperm(100, generator=gen), torch.randperm(100, generator=worker_gen)
-    )
+    assert metadata["seed"] == seed and metadata["rng"] == "seed"
+    resumed = step_generator(tensors, fallback_seed=seed + 1)
+    assert torch.equal(resumed.get_state(), gen.get_state())
+    assert torch.equal(torch.randperm(100, generator=resumed), torch.randperm(100, generator=gen))
+    # A version without a saved stream (written before streams were saved) gets seed + v.
+    legacy = step_generator({}, fallback_seed=seed + 1)
+    assert torch.equal(legacy.get_state(), torch.Generator().manual_seed(seed + 1).get_state())
 
 
 def _records(path: Path) -> Path:

@@ -40,6 +40,7 @@ ADMIN = "admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 WORKERS = 2
 MAX_BODY = 1_000_000
+SEED = 11
 
 
 @dataclass
@@ -85,6 +86,8 @@ def fixture_server(
         "40",
         "--claim-timeout",
         "60",
+        "--seed",
+        str(SEED),
     ]
     try:
         with local_stack(env, port, worker_args, log_dir=tmp) as stack:
@@ -213,11 +216,16 @@ def test_bad_input_is_refused_and_nothing_is_stored(server: Server) -> None:
         ("/learn", "count mismatch", {"json": {"images": [good, good], "labels": ["a"]}}, 400, "one label per image"),
         ("/learn", "empty batch", {"json": {"images": [], "labels": []}}, 400, "images"),
         ("/learn", "oversized", {"json": {"images": [good] * 65, "labels": ["a"] * 65}}, 413, "limit is 64"),
+        ("/learn", "classes missing a label", {"json": {"images": [good, good], "labels": ["a", "b"], "classes": ["a"]}}, 400, "not in classes"),
+        ("/learn", "classes without images", {"json": {"images": [good], "labels": ["a"], "classes": ["a", "z"]}}, 400, "no image labelled"),
+        ("/learn", "classes repeated", {"json": {"images": [good, good], "labels": ["a", "a"], "classes": ["a", "a"]}}, 400, "once"),
+        ("/learn", "bad class name", {"json": {"images": [good], "labels": ["a"], "classes": [" a"]}}, 400, "whitespace"),
         ("/learn", "bad override", {"json": {"images": [good], "labels": ["a"], "overrides": {"epochs": 0}}}, 400, "epochs"),
         ("/learn", "unknown override", {"json": {"images": [good], "labels": ["a"], "overrides": {"gpu": 1}}}, 400, "gpu"),
         ("/learn", "malformed json", {"data": b"{nope", "headers": js}, 400, "malformed JSON"),
         ("/learn/upload", "labels not a list", {"files": [("files", ("a.png", random_image(4)))], "data": {"labels": "{}"}}, 400, "labels"),
         ("/learn/upload", "label count", {"files": [("files", ("a.png", random_image(4)))], "data": {"labels": '["a", "b"]'}}, 400, "one label per image"),
+        ("/learn/upload", "classes mismatch", {"files": [("files", ("a.png", random_image(4)))], "data": {"labels": '["a"]', "classes": '["b"]'}}, 400, "distinct labels"),
         ("/learn/upload", "cmyk file", {"files": [("files", ("a.jpg", random_image(5, fmt="JPEG", mode="CMYK")))], "data": {"labels": '["a"]'}}, 400, "CMYK"),
         ("/versions/pin", "unknown version", {"json": {"version": 999}}, 404, "999"),
         ("/versions/pin", "negative version", {"json": {"version": -1}}, 400, "version"),
@@ -262,14 +270,20 @@ def test_learn_swap_on_every_worker_rollback_and_pin(server: Server) -> None:
     red, blue, green = (220, 30, 30), (30, 30, 220), (30, 200, 30)
     images = class_images(8, red, 1) + class_images(8, blue, 2)
     labels = ["alpha"] * 8 + ["beta"] * 8
+    # `classes` fixes the order in which new classes get their index, whatever the samples' order.
     r = server.post(
         "/learn",
-        json={"images": [b64(i) for i in images], "labels": labels, "overrides": {"epochs": 1}},
+        json={
+            "images": [b64(i) for i in images],
+            "labels": labels,
+            "classes": ["beta", "alpha"],
+            "overrides": {"epochs": 1},
+        },
         headers=AUTH,
     )
     assert r.status_code == 202, r.text
     first = r.json()
-    assert first["classes"] == ["alpha", "beta"] and first["new_classes"] == ["alpha", "beta"]
+    assert first["classes"] == ["beta", "alpha"] and first["new_classes"] == ["beta", "alpha"]
     files = [
         ("files", (f"g{i}.png", img, "image/png"))
         for i, img in enumerate(class_images(8, green, 3))
@@ -306,7 +320,7 @@ def test_learn_swap_on_every_worker_rollback_and_pin(server: Server) -> None:
     for answer in on_every_worker(server, lambda a: a["version"] == 0).values():
         assert labels_of(answer) == set()
     classes = server.get("/classes").json()
-    assert classes["classes"] == [] and classes["pending"] == ["alpha", "beta", "gamma"]
+    assert classes["classes"] == [] and classes["pending"] == ["beta", "alpha", "gamma"]
 
     # Pin: every worker moves within about a second of the announcement.
     start = time.monotonic()
@@ -335,7 +349,17 @@ def test_learn_swap_on_every_worker_rollback_and_pin(server: Server) -> None:
     assert [v["version"] for v in versions["versions"]] == [0, 1, 2, 3]
     assert versions["current"] == v2
     current = server.get("/versions/current").json()
-    assert current["version"] == v2 and current["info"]["class_names"] == ["alpha", "beta", "gamma"]
+    assert current["version"] == v2 and current["info"]["class_names"] == ["beta", "alpha", "gamma"]
+    # What the learner recorded: config, seed, where its random stream came from, report.
+    detail = server.get(f"/versions/{v2}").json()
+    assert detail["info"]["version"] == v2 and detail["parent_version"] == v1
+    assert detail["config"]["model"]["backbone"] == "resnet8" and detail["seed"] == SEED
+    assert detail["rng"] == "parent" and detail["report"]["counts"][2] == 8
+    assert detail["machine"]["device"] == "cpu"
+    assert server.get("/versions/0").json()["rng"] == "seed"
+    for missing in ("/versions/999", "/versions/abc"):
+        r = server.get(missing)
+        assert r.status_code == 404, (missing, r.text)
     jobs = server.get("/jobs").json()["jobs"]
     assert {j["id"] for j in jobs} >= {first["job_id"], second["job_id"]}
 
@@ -363,4 +387,6 @@ def test_metrics(server: Server) -> None:
 def test_openapi(server: Server) -> None:
     paths = server.get("/openapi.json").json()["paths"]
     assert {"/predict", "/learn", "/versions", "/jobs/{job_id}", "/classes"} <= set(paths)
+    (param,) = paths["/versions/{version}"]["get"]["parameters"]
+    assert param["name"] == "version" and param["schema"] == {"type": "integer"}
     assert "/predict" in server.get("/docs.json").json()["paths"]

@@ -26,6 +26,7 @@ from storage import (
     Storage,
     UnknownJobError,
     next_announcement,
+    open_storage,
 )
 from storage.keys import JOB_GROUP
 from tests.test_storage_support import (  # noqa: F401  (fixtures are used by name)
@@ -384,3 +385,22 @@ def test_exemplar_store_and_jobs_share_nothing_across_prefixes(r: redis.Redis, p
     finally:
         for k in prefix_keys(r, other):
             r.delete(k)
+
+
+def test_job_size_limit_from_the_environment(
+    r: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
+    monkeypatch.setenv("BSCE_MAX_JOB_BYTES", "5000")
+    q = open_storage(prefix=prefix).jobs
+    assert q.max_job_bytes == 5000
+    before = prefix_keys(r, prefix)
+    with pytest.raises(JobTooLargeError, match="limit is 5000 bytes"):
+        q.submit(images(60, 1), ["x"] * 60)
+    assert prefix_keys(r, prefix) == before
+    for bad in ("lots", "0", "-3"):
+        monkeypatch.setenv("BSCE_MAX_JOB_BYTES", bad)
+        with pytest.raises(ValueError, match="BSCE_MAX_JOB_BYTES"):
+            open_storage(prefix=prefix)
+    monkeypatch.delenv("BSCE_MAX_JOB_BYTES")
+    assert open_storage(prefix=prefix).jobs.max_job_bytes == 64 * 1024 * 1024
