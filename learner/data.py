@@ -41,6 +41,8 @@ from numpy._core.numeric import _frombuffer
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from learner.config import AugmentConfig
+
 __all__ = [
     "DATASETS",
     "DataNotFoundError",
@@ -129,6 +131,15 @@ _SPECS = types.MappingProxyType(
         "fashion-mnist": _Spec((0.2860,), (0.3530,), 28, 4),
     }
 )
+
+
+def augment_for(name: str) -> AugmentConfig:
+    """The input geometry and normalisation of data set ``name``, without reading its files
+    (for a learner that receives its images over the API)."""
+    if name not in _SPECS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    spec = _SPECS[name]
+    return AugmentConfig(crop=spec.crop, pad=spec.pad, mean=spec.mean, std=spec.std)
 
 
 @dataclass(frozen=True)

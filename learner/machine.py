@@ -38,6 +38,9 @@ def describe_machine(device: torch.device) -> dict[str, object]:
         "torch": torch.__version__,
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        # The vector ISA torch dispatches CPU kernels to: results are bit-reproducible only
+        # between machines that agree on it (and on torch_threads).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from learner.config import DistillConfig, MemoryConfig, ModelConfig, OptimConfig, StepConfig
+from learner.data import DATASETS, augment_for
 from learner.exemplars import ExemplarMemory
 from learner.machine import describe_machine, resolve_device
 from learner.step import StepData, train_step
@@ -315,10 +316,14 @@ class _Heartbeat:
                 log.debug("heartbeat failed", exc_info=True)
 
 
-def config_from_env(args: argparse.Namespace) -> WorkerConfig:
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    # The data set fixes the input geometry and normalisation (as learner.bench takes them
+    # from the loaded data), not its files: images arrive through the API.
+    augment = augment_for(args.dataset)
     step = StepConfig(
         method=args.method,
-        model=ModelConfig(backbone=args.backbone),
+        model=ModelConfig(backbone=args.backbone, in_channels=len(augment.mean)),
+        augment=augment,
         optim=OptimConfig(epochs=args.epochs),
         distill=DistillConfig(),
         memory=MemoryConfig(mode="none", size=0)
@@ -328,7 +333,8 @@ def config_from_env(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(step=step, seed=args.seed, claim_timeout_s=args.claim_timeout)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The worker's flags; each defaults to its environment variable."""
     env = os.environ.get
     p = argparse.ArgumentParser(
         prog="python -m learner.worker",
@@ -338,7 +344,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=int(env("BSCE_EPOCHS", "4")))
     p.add_argument("--method", choices=["bsce", "ce"], default=env("BSCE_METHOD", "bsce"))
     p.add_argument(
-        "--backbone", choices=["resnet32", "resnet8"], default=env("BSCE_BACKBONE", "resnet32")
+        "--backbone",
+        choices=["resnet32", "resnet18", "resnet8"],
+        default=env("BSCE_BACKBONE", "resnet32"),
+    )
+    p.add_argument(
+        "--dataset",
+        choices=list(DATASETS),
+        default=env("BSCE_DATASET", "cifar10"),
+        help="input geometry and normalisation of the images to learn (channels, crop, pad, "
+        "mean, std); the files are not read",
     )
     p.add_argument("--memory", type=int, default=int(env("BSCE_MEMORY", "2000")))
     p.add_argument(
@@ -351,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=int(env("BSCE_THREADS", "0")),
+        default=int(env("BSCE_TRAIN_THREADS", "0")),
         help="torch CPU threads (0: torch's default). Float rounding in training depends on "
         "it: match the offline run's to reproduce it bit for bit",
     )
@@ -360,7 +375,11 @@ def main(argv: list[str] | None = None) -> None:
         "--consumer", default=None, help="consumer name in the job group (default host-pid)"
     )
     p.add_argument("--once", action="store_true", help="process one job, then exit")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads < 0:
         raise SystemExit("--threads must be 0 (torch's default) or more")
@@ -370,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     from storage import open_storage
 
     try:
-        config = config_from_env(args)
+        config = config_from_args(args)
     except ValidationError as e:
         raise SystemExit(f"bad worker configuration: {e}") from None
     worker = Worker(open_storage(), config, resolve_device(args.device), consumer=args.consumer)

@@ -5,7 +5,8 @@
         [--max-train-per-class N] [--steps N] [--out results] [--plot] [--compare OFFLINE.json]
 
 For each step of the protocol: one POST /learn with that step's training images (real
-images from ``learner.data.load_dataset``, PNG, base64) -> one job -> wait for it -> wait
+images from ``learner.data.load_dataset``, PNG, base64, in the offline runner's order) and
+``classes`` in learning order -> one job -> wait for it -> wait
 until /predict answers with the job's version -> predict the test images of every class
 seen so far (batched, top-5) -> accuracy matrix and metrics with ``learner.metrics``. The
 result file has the keys of ``learner.bench.run_protocol``'s, plus ``source: "http"``, the
@@ -17,10 +18,11 @@ a learner worker started with the config to compare (backbone, memory, seed: the
 fixed at worker start). ``--method`` and ``--epochs`` are sent as per-job overrides;
 ``--memory`` and ``--seed`` are checked against what the server reports.
 
-The config recorded is the one the learner used: from the version metadata when the API
-exposes it, else from the versions' ``state.json`` in the server's model store
+The config recorded is the one the learner used: from ``GET /versions/{v}``, else (a server
+without it) from the versions' ``state.json`` in the server's model store
 (``--bentoml-home``, same machine), else the one assumed from the arguments
-(``config_source`` says which).
+(``config_source`` says which). With the same config, seed and thread count the learner's
+training is ``learner.bench.run_protocol``'s bit for bit (loadtest/README.md).
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def to_learning_order(
 
 def assumed_config(args: argparse.Namespace, protocol: Protocol, dataset: Dataset) -> StepConfig:
     """The worker's config as its command-line defaults would make it (learner.worker
-    config_from_env), with the replay's arguments: used only when the server does not say."""
+    config_from_args), with the replay's arguments: used only when the server does not say."""
     memory = args.memory if args.memory is not None else protocol.memory_size
     mode = "none" if memory == 0 else protocol.memory_mode
     if mode == "none" and memory:
@@ -275,9 +277,7 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         )
     base_version = int(versions["current"])
     base_info = client.version_info(base_version)
-    base_meta, config_source = version_metadata(
-        client, base_info, args.bentoml_home, base_version
-    )
+    base_meta, config_source = version_metadata(client, base_info, args.bentoml_home, base_version)
     server_workers = client.server_workers()
 
     worker_seed: int | None = None
@@ -539,18 +539,22 @@ def compare(result: dict[str, Any], offline: dict[str, Any]) -> dict[str, Any]:
         "max_train_per_class": lambda r: r["max_train_per_class"],
     }
     differing = [k for k, get in fields.items() if get(result) != get(offline)]
-    # Different thread counts (or devices) round differently in training: not bit-exact.
+    # Different thread counts, devices or CPU vector ISAs round differently in training: not
+    # bit-exact. A field one of the two files lacks (older results) cannot be compared.
+    theirs = offline.get("machine", {})
     machine = [
         k
-        for k in ("device", "torch_threads")
-        if result["machine"].get(k) != offline.get("machine", {}).get(k)
+        for k in ("device", "torch_threads", "cpu_capability", "torch")
+        if k in theirs and k in result["machine"] and result["machine"][k] != theirs[k]
     ]
+    unknown = [k for k in ("cpu_capability",) if k not in theirs or k not in result["machine"]]
     return {
         "offline_metrics": offline["metrics"],
         "difference": diffs,
         "accuracy_per_step_difference": per_step,
         "config_fields_differing": differing,
         "machine_fields_differing": machine,
+        "machine_fields_unknown": unknown,
         "within_one_point": all(v is None or abs(v) <= 1.0 for v in diffs.values()),
     }
 
@@ -603,10 +607,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare",
         type=Path,
-        default=None,
-        help="an offline learner.bench result to compare with (and plot next to)",
+        nargs="+",
+        default=[],
+        help="offline learner.bench result(s) to compare with (and plot next to)",
     )
     return p
+
+
+def add_comparisons(result: dict[str, Any], offline_files: Sequence[Path]) -> None:
+    """``comparison`` with the first offline result, ``comparisons`` with each of them."""
+    comparisons = [
+        {"offline_file": str(f), **compare(result, json.loads(Path(f).read_text()))}
+        for f in offline_files
+    ]
+    result.pop("comparison", None)
+    result.pop("comparisons", None)
+    if comparisons:
+        result["comparison"] = comparisons[0]
+        result["comparisons"] = comparisons
+
+
+def print_comparisons(result: dict[str, Any]) -> None:
+    for c in result.get("comparisons", []):
+        d = c["difference"]
+        print(
+            "vs {}: avg {:+.2f}  last {:+.2f}  forgetting {}  per step {}  (config differs in: "
+            "{}; machine differs in: {})".format(
+                c["offline_file"],
+                d["avg_incremental_accuracy"],
+                d["last_accuracy"],
+                "-" if d["forgetting"] is None else f"{d['forgetting']:+.2f}",
+                " ".join(f"{x:+.2f}" for x in c["accuracy_per_step_difference"]),
+                ", ".join(c["config_fields_differing"]) or "nothing",
+                ", ".join(c["machine_fields_differing"]) or "nothing known",
+            )
+        )
+
+
+def write_plot(result: dict[str, Any], path: Path, offline_files: Sequence[Path]) -> Path:
+    from learner.plot import plot
+
+    png = path.with_suffix(".png")
+    plot([result, *(json.loads(Path(f).read_text()) for f in offline_files)], png)
+    return png
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -615,34 +658,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = run_replay(args, log=lambda m: print(m, file=sys.stderr))
     except ReplayError as e:
         raise SystemExit(f"replay: {e}") from None
-    if args.compare is not None:
-        offline = json.loads(args.compare.read_text())
-        result["comparison"] = {"offline_file": str(args.compare), **compare(result, offline)}
+    add_comparisons(result, args.compare)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / replay_filename(result)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(format_table(result))
-    if "comparison" in result:
-        c = result["comparison"]
-        d = c["difference"]
-        print(
-            "vs offline: avg {:+.2f}  last {:+.2f}  forgetting {}  (config differs in: {})".format(
-                d["avg_incremental_accuracy"],
-                d["last_accuracy"],
-                "-" if d["forgetting"] is None else f"{d['forgetting']:+.2f}",
-                ", ".join(c["config_fields_differing"]) or "nothing",
-            )
-        )
+    print_comparisons(result)
     print(f"wrote {path}")
-    if args.plot or args.compare is not None:
-        from learner.plot import plot
+    if args.plot or args.compare:
+        print(f"wrote {write_plot(result, path, args.compare)}")
+    return result
 
-        results = [result]
-        if args.compare is not None:
-            results.append(json.loads(args.compare.read_text()))
-        png = path.with_suffix(".png")
-        plot(results, png)
-        print(f"wrote {png}")
+
+def compare_main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m loadtest.compare HTTP.json OFFLINE.json [...]``: (re)compare a replay
+    result with offline results, update its ``comparison(s)`` and its PNG."""
+    p = argparse.ArgumentParser(prog="python -m loadtest.compare", description=compare_main.__doc__)
+    p.add_argument("replay", type=Path, help="a loadtest.replay result file")
+    p.add_argument("offline", type=Path, nargs="+", help="learner.bench result files")
+    args = p.parse_args(argv)
+    result = json.loads(args.replay.read_text())
+    if result.get("source") != SOURCE:
+        raise SystemExit(f"{args.replay} is not a loadtest.replay result")
+    add_comparisons(result, args.offline)
+    args.replay.write_text(json.dumps(result, indent=1) + "\n")
+    print(format_table(result))
+    print_comparisons(result)
+    print(f"updated {args.replay}; wrote {write_plot(result, args.replay, args.offline)}")
     return result
 
 

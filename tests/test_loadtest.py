@@ -161,6 +161,18 @@ def test_replay_agrees_with_offline_runner(lt_server: LoadTestServer, tmp_path: 
     assert comparison["within_one_point"] and comparison["machine_fields_differing"] == []
     assert comparison["config_fields_differing"] == []
 
+    # The same comparison from the files, as `python -m loadtest.compare` makes it.
+    offline_file = tmp_path / "offline.json"
+    offline_file.write_text(json.dumps(offline))
+    replay_file = tmp_path / replay.replay_filename(result)
+    updated = replay.compare_main([str(replay_file), str(offline_file)])
+    (again,) = updated["comparisons"]
+    assert (
+        again["offline_file"] == str(offline_file)
+        and again["difference"] == comparison["difference"]
+    )
+    assert json.loads(replay_file.read_text())["comparison"] == again
+
 
 def test_locust_headless_smoke(lt_server: LoadTestServer, tmp_path: Path) -> None:
     summary = run_locust(

@@ -16,6 +16,7 @@ import pytest
 import redis
 import torch
 
+import learner.worker as worker_module
 from learner.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
 from learner.data import load_dataset
 from learner.versioning import load_version
@@ -197,3 +198,25 @@ def test_failing_job_is_marked_failed_and_stays_inspectable(env, subset):
     assert status.state == "failed"
     assert "epochs" in (status.error or "")
     assert [v.version for v in storage.versions.list()] == [0]
+
+
+def _worker_config(*argv: str) -> WorkerConfig:
+    return worker_module.config_from_args(worker_module.build_parser().parse_args(list(argv)))
+
+
+def test_worker_flags_give_the_offline_runners_config(subset) -> None:
+    """The flags scripts/replay_vs_offline.sh passes make learner.bench's config for the
+    protocol, field for field: the condition for the replay to reproduce it."""
+    from learner.bench import step_config_for
+    from learner.protocols import get_protocol
+
+    config = _worker_config("--epochs", "3", "--memory", "2000", "--seed", "1993")
+    offline = step_config_for(get_protocol("cifar10-b0-s5"), subset)
+    offline = offline.model_copy(update={"optim": offline.optim.model_copy(update={"epochs": 3})})
+    assert config.step == offline and config.seed == 1993
+
+    fmnist = _worker_config("--dataset", "fashion-mnist", "--memory", "0").step
+    assert fmnist.model.in_channels == 1 and fmnist.augment.crop == 28
+    assert fmnist.augment.mean == (0.2860,) and fmnist.memory.mode == "none"
+    imagenet = _worker_config("--dataset", "imagenet-subset", "--backbone", "resnet18").step
+    assert imagenet.model.backbone == "resnet18" and imagenet.augment.crop == 224
