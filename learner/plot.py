@@ -16,10 +16,18 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def label_of(result: dict[str, Any]) -> str:
+def label_of(result: dict[str, Any], with_run: bool = False) -> str:
+    """``with_run`` adds when and with which CPU ISA / threads the run trained, to tell
+    apart curves of the same recipe."""
     mem = result["memory"]
     memory = "no memory" if mem["mode"] == "none" else f"memory {mem['size']}"
     source = result.get("source", "offline")
+    if with_run:
+        m = result.get("machine", {})
+        run = [str(m.get("date", ""))[:16].replace("T", " ")]
+        run += [m["cpu_capability"]] if "cpu_capability" in m else []
+        run += [f"{m['torch_threads']} threads"] if "torch_threads" in m else []
+        source += ", " + ", ".join(x for x in run if x)
     return (
         f"{result['method'].upper()}, {memory} ({source}): "
         f"avg {result['metrics']['avg_incremental_accuracy']:.1f}, last {result['metrics']['last_accuracy']:.1f}"
@@ -28,9 +36,20 @@ def label_of(result: dict[str, Any]) -> str:
 
 def plot(results: list[dict[str, Any]], out: Path, title: str | None = None) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in results:
+    recipe = [label_of(r).split(":")[0] for r in results]
+    for i, r in enumerate(results):
         seen = [s["seen_classes"] for s in r["steps"]]
-        ax.plot(seen, r["cnn"]["accuracy_per_step"], marker="o", label=label_of(r))
+        http = r.get("source") == "http"
+        # A replay that equals an offline run would hide under it: dashed over a bigger marker.
+        ax.plot(
+            seen,
+            r["cnn"]["accuracy_per_step"],
+            marker="x" if http else "o",
+            markersize=9 if http else 6,
+            linestyle="--" if http else "-",
+            zorder=3 if http else 2,
+            label=label_of(r, with_run=recipe.count(recipe[i]) > 1 or http),
+        )
     ax.set_xlabel("classes seen")
     ax.set_ylabel("top-1 accuracy on all seen classes (%)")
     protocols = sorted({r["protocol"] for r in results})

@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=.venv/bin/python
+source scripts/stack.sh
 PROTOCOL=${PROTOCOL:-cifar10-b0-s5}
 METHOD=${METHOD:-bsce}
 MEMORY=${MEMORY:-2000}
@@ -24,42 +24,16 @@ BACKBONE=${BACKBONE:-resnet32}
 THREADS=${THREADS:-2}
 OFFLINE=${OFFLINE:-results/${PROTOCOL}_${METHOD}_mem${MEMORY}_${BACKBONE}_e${EPOCHS}_seed${SEED}_cpu.json}
 OUT=${OUT:-results}
-PORT=${PORT:-$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-
-TMP=$(mktemp -d -t bsce-replay-XXXXXX)
-TOKEN=$($PY -c 'import secrets; print(secrets.token_hex(16))')
-export BSCE_API_TOKEN=$TOKEN BSCE_WORKERS=${BSCE_WORKERS:-2} BENTOML_HOME=$TMP/bentoml
-export BSCE_PREFIX=bsce-replay-$(basename "$TMP") BSCE_DATA_HOME=$TMP/state BENTOML_DO_NOT_TRACK=true
+PORT=${PORT:-$(free_port)}
 # One step is one job: a cifar10 step is 10,000 images, about 31 MiB of JSON.
 export BSCE_MAX_BODY_BYTES=${BSCE_MAX_BODY_BYTES:-67108864}
 export BSCE_MAX_LEARN_IMAGES=${BSCE_MAX_LEARN_IMAGES:-10000}
-export PYTHONUNBUFFERED=1
 
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-    sleep 3
-    for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
-    if [ -n "${REDIS_URL:-}" ]; then
-        $PY - <<PYEOF
-from storage import connect
-r = connect("$REDIS_URL")
-keys = list(r.scan_iter(match="$BSCE_PREFIX:*", count=1000))
-for i in range(0, len(keys), 500):
-    r.delete(*keys[i:i + 500])
-PYEOF
-    fi
-    echo "logs: $TMP/worker.log $TMP/server.log"
-}
-trap cleanup EXIT
+stack_start replay "$PORT" --backbone "$BACKBONE" --memory "$MEMORY" --epochs "$EPOCHS" \
+    --method "$METHOD" --seed "$SEED" --threads "$THREADS"
 
-setsid $PY -m learner.worker --backbone "$BACKBONE" --memory "$MEMORY" --epochs "$EPOCHS" \
-    --method "$METHOD" --seed "$SEED" --threads "$THREADS" >"$TMP/worker.log" 2>&1 &
-PIDS+=($!)
-setsid .venv/bin/bentoml serve server.service:BsceServe --host 127.0.0.1 --port "$PORT" \
-    >"$TMP/server.log" 2>&1 &
-PIDS+=($!)
-
+# Several offline files: OFFLINE="a.json b.json" (the first is `comparison`).
+# shellcheck disable=SC2086
 $PY -m loadtest.replay --protocol "$PROTOCOL" --url "http://127.0.0.1:$PORT" --token "$TOKEN" \
     --method "$METHOD" --epochs "$EPOCHS" --memory "$MEMORY" --seed "$SEED" \
-    --backbone "$BACKBONE" --out "$OUT" --compare "$OFFLINE" "$@"
+    --backbone "$BACKBONE" --out "$OUT" --compare $OFFLINE "$@"
