@@ -146,7 +146,8 @@ class VersionDetail(BaseModel):
     rng: str | None = Field(
         None,
         description="Where the step's random stream came from: 'seed' (version 0), "
-        "'parent' (continued from the parent version's saved stream)",
+        "'parent' (continued from the parent version's saved stream), 'seed+version' (a "
+        "fresh one, when the parent was written before streams were saved)",
     )
     parent_version: int | None = None
     step: int | None = None
