@@ -22,7 +22,8 @@ from PIL import Image
 from learner.config import ModelConfig, StepConfig
 from learner.model import IncrementalNet
 from learner.versioning import initial_payload, version_payload
-from storage import Storage, close, connect
+from storage import Storage, close
+from tests.test_storage_support import require_redis
 
 TEST_REDIS_URL = os.environ.get("BSCE_TEST_SERVER_REDIS_URL", "redis://127.0.0.1:6379/12")
 SMALL = StepConfig(model=ModelConfig(backbone="resnet8"))
@@ -98,11 +99,7 @@ def save_version(
 
 @pytest.fixture(name="server_redis", scope="session")
 def fixture_server_redis() -> Iterator[redis.Redis]:
-    r = connect(TEST_REDIS_URL)
-    try:
-        r.ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {TEST_REDIS_URL}")
+    r = require_redis(TEST_REDIS_URL)
     yield r
     close(r)
 

@@ -44,13 +44,20 @@ def images(n: int, seed: int, chw: tuple[int, int, int] = (3, 8, 8)) -> np.ndarr
     return np.random.default_rng(seed).integers(0, 256, size=(n, *chw), dtype=np.uint8)
 
 
-@pytest.fixture(name="machine_redis", scope="session")
-def fixture_machine_redis() -> Iterator[redis.Redis]:
-    r = connect(TEST_REDIS_URL)
+def require_redis(url: str) -> redis.Redis:
+    """A client of the Redis at ``url``; the test fails (not skips) when none answers."""
+    r = connect(url)
     try:
         r.ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {TEST_REDIS_URL}")
+    except redis.ConnectionError as e:
+        r.close()
+        pytest.fail(f"no Redis at {url} ({e}); `make test` starts one (scripts/ensure_redis.sh)")
+    return r
+
+
+@pytest.fixture(name="machine_redis", scope="session")
+def fixture_machine_redis() -> Iterator[redis.Redis]:
+    r = require_redis(TEST_REDIS_URL)
     yield r
     r.close()
 
@@ -126,7 +133,7 @@ class RedisProcess:
 @pytest.fixture(name="redis_process")
 def fixture_redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
     if not Path(REDIS_SERVER).exists():
-        pytest.skip("redis-server is not installed")
+        pytest.fail("the fault tests start their own redis-server, which is not installed")
     rp = RedisProcess(tmp_path)
     rp.start()
     yield rp

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import torch
 
 import learner.worker as worker_module
@@ -22,7 +21,7 @@ from learner.data import load_dataset
 from learner.versioning import load_version
 from learner.worker import JobOverrides, Worker, WorkerConfig, apply_overrides
 from storage import Storage, connect
-from tests.test_storage_support import TEST_REDIS_URL, drop_prefix
+from tests.test_storage_support import TEST_REDIS_URL, drop_prefix, require_redis
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -44,11 +43,7 @@ def _samples(subset, classes: list[int], per_class: int = 40) -> tuple[np.ndarra
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    r = connect(TEST_REDIS_URL)
-    try:
-        r.ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {TEST_REDIS_URL}")
+    r = require_redis(TEST_REDIS_URL)
     prefix = f"bsce-test-worker-{uuid.uuid4().hex[:10]}"
     values = {
         "REDIS_URL": TEST_REDIS_URL,
