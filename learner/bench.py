@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,28 +189,41 @@ def limit_per_class(idx: torch.Tensor, labels: torch.Tensor, limit: int) -> torc
     return torch.cat(kept)
 
 
-def format_table(result: dict[str, Any]) -> str:
+# An extra table column: header, width, and the cell of one step's report.
+Column = tuple[str, int, Callable[[dict[str, Any]], str]]
+
+
+def _f(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(
+    result: dict[str, Any], columns: Sequence[Column] = (), header_note: str = ""
+) -> str:
+    """The per-step table of a result file; ``columns`` and ``header_note`` add to it (the
+    HTTP replay adds the version and learning latency). Missing figures print as ``-``."""
     cnn, nme = result["cnn"], result["nme"]
     lines = [
         f"{result['protocol']}  method={result['method']}  memory={result['memory']['size']} ({result['memory']['mode']})"
-        f"  epochs={result['config']['optim']['epochs']}  seed={result['seed']}  device={result['machine']['device']}",
-        f"{'step':>4} {'classes':>7} {'acc':>6} {'old':>6} {'new':>6} {'top5':>6} {'nme':>6} {'img/s':>7} {'train s':>8} {'select s':>8}",
+        f"  epochs={result['config']['optim']['epochs']}  seed={result['seed']}  device={result['machine']['device']}"
+        + (f"  {header_note}" if header_note else ""),
+        f"{'step':>4} {'classes':>7} {'acc':>6} {'old':>6} {'new':>6} {'top5':>6} {'nme':>6} {'img/s':>7} {'train s':>8} {'select s':>8}"
+        + "".join(f" {name:>{width}}" for name, width, _ in columns),
     ]
     for t, r in enumerate(result["steps"]):
-        old = cnn["old_accuracy_per_step"][t]
-        top5 = cnn["top5_accuracy_per_step"][t]
         nme_acc = nme["accuracy_per_step"][t] if nme else None
         lines.append(
             f"{t + 1:>4} {r['seen_classes']:>7} {cnn['accuracy_per_step'][t]:>6.1f} "
-            f"{'-' if old is None else f'{old:.1f}':>6} {cnn['new_accuracy_per_step'][t]:>6.1f} "
-            f"{'-' if top5 is None else f'{top5:.1f}':>6} {'-' if nme_acc is None else f'{nme_acc:.1f}':>6} "
-            f"{r['train_images_per_second']:>7.0f} {r['train_seconds']:>8.1f} {r['selection_seconds']:>8.1f}"
+            f"{_f(cnn['old_accuracy_per_step'][t], '.1f'):>6} {cnn['new_accuracy_per_step'][t]:>6.1f} "
+            f"{_f(cnn['top5_accuracy_per_step'][t], '.1f'):>6} {_f(nme_acc, '.1f'):>6} "
+            f"{_f(r.get('train_images_per_second'), '.0f'):>7} {_f(r.get('train_seconds'), '.1f'):>8} "
+            f"{_f(r.get('selection_seconds'), '.1f'):>8}"
+            + "".join(f" {cell(r):>{width}}" for _, width, cell in columns)
         )
     m = result["metrics"]
-    forgetting = "-" if m["forgetting"] is None else f"{m['forgetting']:.2f}"
     line = (
         f"avg incremental acc {m['avg_incremental_accuracy']:.2f}  last acc {m['last_accuracy']:.2f}  "
-        f"forgetting {forgetting}"
+        f"forgetting {_f(m['forgetting'], '.2f')}"
     )
     if nme:
         line += (
@@ -218,7 +231,8 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines.append(line)
     lines.append(
-        f"wall {result['wall_seconds']:.0f} s, training {result['train_images_per_second']:.0f} images/s"
+        f"wall {result['wall_seconds']:.0f} s, training "
+        f"{_f(result.get('train_images_per_second'), '.0f')} images/s"
     )
     return "\n".join(lines)
 

@@ -38,7 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from learner.bench import RESULT_FORMAT, limit_per_class, metric_fields, result_filename
+from learner.bench import (
+    RESULT_FORMAT,
+    limit_per_class,
+    metric_fields,
+    result_filename,
+)
+from learner.bench import format_table as bench_format_table
 from learner.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
 from learner.data import Dataset, load_dataset
 from learner.machine import describe_machine
@@ -470,37 +476,16 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
 # -- output ------------------------------------------------------------------------------------
 
 
-def _f(value: Any, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
 def format_table(result: dict[str, Any]) -> str:
     """``learner.bench.format_table``'s table, plus the version and learning latency."""
-    cnn = result["cnn"]
-    lines = [
-        f"{result['protocol']}  method={result['method']}  memory={result['memory']['size']} ({result['memory']['mode']})"
-        f"  epochs={result['config']['optim']['epochs']}  seed={result['seed']}  device={result['machine']['device']}"
-        f"  source=http ({result['url']}, config from {result['config_source']})",
-        f"{'step':>4} {'classes':>7} {'acc':>6} {'old':>6} {'new':>6} {'top5':>6} {'nme':>6} {'img/s':>7} {'train s':>8} {'select s':>8} {'version':>7} {'learn s':>8}",
-    ]
-    for t, r in enumerate(result["steps"]):
-        old = cnn["old_accuracy_per_step"][t]
-        top5 = cnn["top5_accuracy_per_step"][t]
-        lines.append(
-            f"{t + 1:>4} {r['seen_classes']:>7} {cnn['accuracy_per_step'][t]:>6.1f} "
-            f"{_f(old, '.1f'):>6} {cnn['new_accuracy_per_step'][t]:>6.1f} {_f(top5, '.1f'):>6} {'-':>6} "
-            f"{_f(r.get('train_images_per_second'), '.0f'):>7} {_f(r.get('train_seconds'), '.1f'):>8} "
-            f"{_f(r.get('selection_seconds'), '.1f'):>8} {r['http']['version']:>7} "
-            f"{r['http']['learn_latency_seconds']:>8.1f}"
-        )
-    m = result["metrics"]
-    lines.append(
-        f"avg incremental acc {m['avg_incremental_accuracy']:.2f}  last acc {m['last_accuracy']:.2f}  "
-        f"forgetting {_f(m['forgetting'], '.2f')}"
+    return bench_format_table(
+        result,
+        columns=[
+            ("version", 7, lambda r: str(r["http"]["version"])),
+            ("learn s", 8, lambda r: f"{r['http']['learn_latency_seconds']:.1f}"),
+        ],
+        header_note=f"source=http ({result['url']}, config from {result['config_source']})",
     )
-    ips = result.get("train_images_per_second")
-    lines.append(f"wall {result['wall_seconds']:.0f} s, training {_f(ips, '.0f')} images/s")
-    return "\n".join(lines)
 
 
 def replay_filename(result: dict[str, Any]) -> str:
