@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from learner.config import (
+from learner.core.config import (
     AugmentConfig,
     DistillConfig,
     MemoryConfig,
@@ -28,12 +28,12 @@ from learner.config import (
     OptimConfig,
     StepConfig,
 )
+from learner.core.evaluate import infer, nme_predict, topk
+from learner.core.machine import describe_machine, resolve_device
+from learner.core.model import IncrementalNet
 from learner.data import Dataset, load_dataset
-from learner.evaluate import infer, nme_predict, topk
 from learner.exemplars import ExemplarMemory
-from learner.machine import describe_machine, resolve_device
 from learner.metrics import IncrementalEvaluation, IncrementalMetrics
-from learner.model import IncrementalNet
 from learner.protocols import PRESETS, Protocol, get_protocol, resolve_class_order
 from learner.step import StepData, train_step
 

@@ -20,10 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from learner.config import MemoryConfig, OptimConfig, StepConfig
+from learner.core.config import MemoryConfig, OptimConfig, StepConfig
+from learner.core.machine import describe_machine, resolve_device
+from learner.core.model import IncrementalNet
 from learner.exemplars import ExemplarMemory
-from learner.machine import describe_machine, resolve_device
-from learner.model import IncrementalNet
 from learner.step import StepData, train_step, update_memory
 
 

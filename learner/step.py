@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel
 
-from learner.augment import Normalizer, random_crop_flip
-from learner.config import StepConfig
-from learner.evaluate import class_means_from_features, infer
+from learner.core.augment import Normalizer, random_crop_flip
+from learner.core.config import StepConfig
+from learner.core.evaluate import class_means_from_features, infer
+from learner.core.model import IncrementalNet
 from learner.exemplars import ExemplarMemory, herding, random_selection
 from learner.losses import (
     balanced_softmax_cross_entropy,
@@ -28,7 +29,6 @@ from learner.losses import (
     log_prior,
     logit_distillation,
 )
-from learner.model import IncrementalNet
 from learner.protocols import quota_per_class
 
 # Below this size a step's training set is copied to an accelerator once, so that batches

@@ -29,18 +29,19 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from learner.config import DistillConfig, MemoryConfig, ModelConfig, OptimConfig, StepConfig
-from learner.data import DATASETS, augment_for
-from learner.exemplars import ExemplarMemory
-from learner.machine import describe_machine, resolve_device
-from learner.step import StepData, train_step
-from learner.versioning import (
+from learner.core.config import DistillConfig, MemoryConfig, ModelConfig, OptimConfig, StepConfig
+from learner.core.machine import describe_machine, resolve_device
+from learner.core.overrides import apply_overrides
+from learner.core.versioning import (
     RNG_KEY,
     initial_payload,
     load_version,
     step_generator,
     version_payload,
 )
+from learner.data import DATASETS, augment_for
+from learner.exemplars import ExemplarMemory
+from learner.step import StepData, train_step
 from storage.errors import JobStateError
 
 log = logging.getLogger("bsce.worker")
@@ -58,34 +59,6 @@ class WorkerConfig(BaseModel):
     # A claimed job whose worker shows no sign of life this long is taken over.
     claim_timeout_s: float = Field(120.0, gt=0)
     poll_ms: int = Field(1000, ge=1)
-
-
-class JobOverrides(BaseModel):
-    """What a job may change for its own step; anything else is refused at submit time."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: str | None = Field(None, pattern="^(bsce|ce)$")
-    epochs: int | None = Field(None, ge=1, le=200)
-    lr: float | None = Field(None, gt=0, le=10)
-    batch_size: int | None = Field(None, ge=1, le=4096)
-    distill: bool | None = None
-
-
-def apply_overrides(config: StepConfig, overrides: Mapping[str, Any] | None) -> StepConfig:
-    """The job's step config; raises ``ValueError`` (pydantic's) for unknown or bad fields."""
-    o = JobOverrides.model_validate(dict(overrides or {}))
-    optim = {
-        k: v
-        for k, v in {"epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size}.items()
-        if v is not None
-    }
-    update: dict[str, Any] = {"optim": config.optim.model_copy(update=optim)}
-    if o.method is not None:
-        update["method"] = o.method
-    if o.distill is not None:
-        update["distill"] = config.distill.model_copy(update={"enabled": o.distill})
-    return config.model_copy(update=update)
 
 
 def _memory_tensors(memory: ExemplarMemory) -> dict[str, torch.Tensor]:

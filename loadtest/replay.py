@@ -45,9 +45,9 @@ from learner.bench import (
     result_filename,
 )
 from learner.bench import format_table as bench_format_table
-from learner.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
+from learner.core.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
+from learner.core.machine import describe_machine
 from learner.data import Dataset, load_dataset
-from learner.machine import describe_machine
 from learner.metrics import IncrementalEvaluation
 from learner.protocols import PRESETS, Protocol, get_protocol, resolve_class_order
 

@@ -6,7 +6,7 @@ learning latency, and failed requests while versions swap under traffic.
 Starts its own embedded Redis, learner worker and ``bentoml serve`` (2 API workers) in a
 temporary directory on a free port, posts two classes of the bundled CIFAR-10 subset, then:
 
-1. bare model: ``learner.evaluate.infer`` on the served version, batches of 64, no HTTP:
+1. bare model: ``learner.core.evaluate.infer`` on the served version, batches of 64, no HTTP:
    the better of one process with all cores and one single-thread process per core;
 2. HTTP: batched ``/predict`` (64 images a request) from 4 client threads for ``--seconds``;
 3. single-image ``/predict`` latency at low load: one client, requests one after another;
@@ -102,8 +102,8 @@ def _bare(tensors, meta, images, threads: int, reps: int = 4) -> float:
     """Images/s of ``infer`` alone (no HTTP) on one version, batches of 64."""
     import torch
 
-    from learner.evaluate import infer
-    from learner.versioning import load_version
+    from learner.core.evaluate import infer
+    from learner.core.versioning import load_version
 
     torch.set_num_threads(threads)
     served = load_version(tensors, meta)
@@ -126,8 +126,8 @@ def main() -> None:
 
     import torch
 
+    from learner.core.machine import describe_machine
     from learner.data import load_dataset
-    from learner.machine import describe_machine
     from storage import open_storage
 
     subset = load_dataset("cifar10-subset")

@@ -25,8 +25,8 @@ import numpy as np
 import redis
 import torch
 
-from learner.evaluate import infer
-from learner.versioning import LoadedVersion, load_version
+from learner.core.evaluate import infer
+from learner.core.versioning import LoadedVersion, load_version
 from storage import StorageError, VersionStore, next_announcement
 
 from .metrics import Metrics

@@ -31,8 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
-from learner.machine import resolve_device
-from learner.worker import JobOverrides
+from learner.core.machine import resolve_device
+from learner.core.overrides import JobOverrides
 from storage import (
     InvalidInputError,
     JobTooLargeError,

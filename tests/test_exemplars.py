@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from learner.config import MemoryConfig
+from learner.core.config import MemoryConfig
 from learner.exemplars import ExemplarMemory, herding, random_selection
 from learner.protocols import quota_per_class
 

@@ -22,11 +22,11 @@ import redis
 import torch
 
 import learner.bench as bench
-from learner.config import ModelConfig, StepConfig
+from learner.core.config import ModelConfig, StepConfig
+from learner.core.model import IncrementalNet
+from learner.core.versioning import initial_payload, step_generator
 from learner.data import load_dataset
-from learner.model import IncrementalNet
 from learner.protocols import get_protocol, resolve_class_order
-from learner.versioning import initial_payload, step_generator
 from loadtest import replay
 from loadtest.client import Client
 from loadtest.run import run_locust, summarise, version_changes

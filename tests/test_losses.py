@@ -56,9 +56,9 @@ def test_masked_class_gets_no_gradient_and_no_nan():
 def test_prior_is_a_training_term_only():
     # The prediction path (model forward) never sees the counts: a class with a huge count
     # does not win at inference for equal logits.
-    from learner.config import AugmentConfig, ModelConfig
-    from learner.evaluate import infer
-    from learner.model import IncrementalNet
+    from learner.core.config import AugmentConfig, ModelConfig
+    from learner.core.evaluate import infer
+    from learner.core.model import IncrementalNet
 
     g = torch.Generator().manual_seed(0)
     net = IncrementalNet.create(ModelConfig(backbone="resnet8", channels_last=False), g, 3)

@@ -1,7 +1,7 @@
 import torch
 
-from learner.config import ModelConfig
-from learner.model import IncrementalNet, load_model, save_model
+from learner.core.config import ModelConfig
+from learner.core.model import IncrementalNet, load_model, save_model
 
 
 def _count(net: torch.nn.Module, kind: type) -> int:

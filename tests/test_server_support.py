@@ -19,9 +19,9 @@ import redis
 import torch
 from PIL import Image
 
-from learner.config import ModelConfig, StepConfig
-from learner.model import IncrementalNet
-from learner.versioning import initial_payload, version_payload
+from learner.core.config import ModelConfig, StepConfig
+from learner.core.model import IncrementalNet
+from learner.core.versioning import initial_payload, version_payload
 from storage import Storage, close
 from tests.test_storage_support import require_redis
 

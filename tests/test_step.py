@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from learner.bench import run_protocol, step_config_for
-from learner.config import DistillConfig, MemoryConfig, ModelConfig, OptimConfig, StepConfig
+from learner.core.config import DistillConfig, MemoryConfig, ModelConfig, OptimConfig, StepConfig
+from learner.core.evaluate import infer
+from learner.core.model import IncrementalNet
 from learner.data import load_dataset
-from learner.evaluate import infer
 from learner.exemplars import ExemplarMemory
-from learner.model import IncrementalNet
 from learner.protocols import get_protocol
 from learner.step import StepData, train_step
 

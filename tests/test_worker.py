@@ -16,10 +16,11 @@ import pytest
 import torch
 
 import learner.worker as worker_module
-from learner.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
+from learner.core.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
+from learner.core.overrides import JobOverrides, apply_overrides
+from learner.core.versioning import load_version
 from learner.data import load_dataset
-from learner.versioning import load_version
-from learner.worker import JobOverrides, Worker, WorkerConfig, apply_overrides
+from learner.worker import Worker, WorkerConfig
 from storage import Storage, connect
 from tests.test_storage_support import TEST_REDIS_URL, drop_prefix, require_redis
 

@@ -15,7 +15,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from learner.config import ModelConfig
+from learner.core.config import ModelConfig
 
 FORMAT = "bsce-serve/model-1"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from learner.config import AugmentConfig
+from learner.core.config import AugmentConfig
 
 
 def random_crop_flip(

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from learner.config import AugmentConfig, StepConfig
-from learner.model import IncrementalNet
+from learner.core.config import AugmentConfig, StepConfig
+from learner.core.model import IncrementalNet
 
 PAYLOAD_FORMAT = "bsce-serve/version-1"
 _MODEL_PREFIX = "model."

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from learner.augment import Normalizer, center_crop
-from learner.config import AugmentConfig
-from learner.model import IncrementalNet
+from learner.core.augment import Normalizer, center_crop
+from learner.core.config import AugmentConfig
+from learner.core.model import IncrementalNet
 
 
 @torch.inference_mode()
