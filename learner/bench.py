@@ -20,12 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from learner.cli import add_recipe_arguments, recipe_from_args
 from learner.core.config import (
     AugmentConfig,
-    DistillConfig,
-    MemoryConfig,
     ModelConfig,
-    OptimConfig,
     StepConfig,
 )
 from learner.core.evaluate import infer, nme_predict, topk
@@ -33,8 +31,8 @@ from learner.core.machine import describe_machine, resolve_device
 from learner.core.model import IncrementalNet
 from learner.data import Dataset, load_dataset
 from learner.exemplars import ExemplarMemory
-from learner.metrics import IncrementalEvaluation, IncrementalMetrics
-from learner.protocols import PRESETS, Protocol, get_protocol, resolve_class_order
+from learner.metrics import IncrementalEvaluation, IncrementalMetrics, balance, harmonic_mean
+from learner.protocols import PRESETS, Protocol, get_protocol, order_names, resolve_class_order
 from learner.step import StepData, train_step
 
 RESULT_FORMAT = "bsce-serve/result-1"
@@ -43,12 +41,8 @@ RESULT_FORMAT = "bsce-serve/result-1"
 def step_config_for(protocol: Protocol, dataset: Dataset) -> StepConfig:
     """The protocol's defaults: backbone, memory, data geometry and normalisation."""
     model = ModelConfig(backbone=protocol.backbone, in_channels=dataset.train.images.shape[1])
-    memory = MemoryConfig(
-        mode=protocol.memory_mode,
-        size=0 if protocol.memory_mode == "none" else protocol.memory_size,
-    )
     augment = AugmentConfig(crop=dataset.crop, pad=dataset.pad, mean=dataset.mean, std=dataset.std)
-    return StepConfig(model=model, memory=memory, augment=augment)
+    return StepConfig(model=model, memory=protocol.memory, augment=augment)
 
 
 def _eval_test(
@@ -184,6 +178,13 @@ def metric_fields(cnn: IncrementalMetrics) -> dict[str, Any]:
     }
 
 
+def lowest_balance(cnn: dict[str, Any]) -> float | None:
+    """The lowest over steps of min(old, new) / max(old, new); None with one step."""
+    pairs = zip(cnn["old_accuracy_per_step"], cnn["new_accuracy_per_step"], strict=True)
+    values = [balance(o, n) for o, n in pairs if o is not None]
+    return min(values) if values else None
+
+
 def limit_per_class(idx: torch.Tensor, labels: torch.Tensor, limit: int) -> torch.Tensor:
     kept = [idx[labels[idx] == c][:limit] for c in labels[idx].unique()]
     return torch.cat(kept)
@@ -207,14 +208,16 @@ def format_table(
         f"{result['protocol']}  method={result['method']}  memory={result['memory']['size']} ({result['memory']['mode']})"
         f"  epochs={result['config']['optim']['epochs']}  seed={result['seed']}  device={result['machine']['device']}"
         + (f"  {header_note}" if header_note else ""),
-        f"{'step':>4} {'classes':>7} {'acc':>6} {'old':>6} {'new':>6} {'top5':>6} {'nme':>6} {'img/s':>7} {'train s':>8} {'select s':>8}"
+        f"{'step':>4} {'classes':>7} {'acc':>6} {'old':>6} {'new':>6} {'hm':>6} {'top5':>6} {'nme':>6} {'img/s':>7} {'train s':>8} {'select s':>8}"
         + "".join(f" {name:>{width}}" for name, width, _ in columns),
     ]
     for t, r in enumerate(result["steps"]):
         nme_acc = nme["accuracy_per_step"][t] if nme else None
+        old_acc, new_acc = cnn["old_accuracy_per_step"][t], cnn["new_accuracy_per_step"][t]
+        hm = None if old_acc is None else harmonic_mean(old_acc, new_acc)
         lines.append(
             f"{t + 1:>4} {r['seen_classes']:>7} {cnn['accuracy_per_step'][t]:>6.1f} "
-            f"{_f(cnn['old_accuracy_per_step'][t], '.1f'):>6} {cnn['new_accuracy_per_step'][t]:>6.1f} "
+            f"{_f(old_acc, '.1f'):>6} {new_acc:>6.1f} {_f(hm, '.1f'):>6} "
             f"{_f(cnn['top5_accuracy_per_step'][t], '.1f'):>6} {_f(nme_acc, '.1f'):>6} "
             f"{_f(r.get('train_images_per_second'), '.0f'):>7} {_f(r.get('train_seconds'), '.1f'):>8} "
             f"{_f(r.get('selection_seconds'), '.1f'):>8}"
@@ -223,7 +226,7 @@ def format_table(
     m = result["metrics"]
     line = (
         f"avg incremental acc {m['avg_incremental_accuracy']:.2f}  last acc {m['last_accuracy']:.2f}  "
-        f"forgetting {_f(m['forgetting'], '.2f')}"
+        f"forgetting {_f(m['forgetting'], '.2f')}  lowest old/new balance {_f(lowest_balance(cnn), '.2f')}"
     )
     if nme:
         line += (
@@ -237,12 +240,104 @@ def format_table(
     return "\n".join(lines)
 
 
-def result_filename(result: dict[str, Any]) -> str:
+def run_stem(result: dict[str, Any]) -> str:
     cfg = result["config"]
     return (
         f"{result['protocol']}_{result['method']}_mem{result['memory']['size']}"
-        f"_{cfg['model']['backbone']}_e{cfg['optim']['epochs']}_seed{result['seed']}_{result['machine']['device'].split(':')[0]}.json"
+        f"_{cfg['model']['backbone']}_e{cfg['optim']['epochs']}"
     )
+
+
+def result_filename(result: dict[str, Any], default_order: str | None = None) -> str:
+    """``<protocol>_<method>_mem<M>_<backbone>_e<E>[_order-<name>]_seed<S>_<device>.json``;
+    the order is named when it is not the protocol's own."""
+    order = result.get("order_name")
+    tag = f"_order-{order}" if order and order != default_order else ""
+    device = result["machine"]["device"].split(":")[0]
+    return f"{run_stem(result)}{tag}_seed{result['seed']}_{device}.json"
+
+
+def summary_filename(result: dict[str, Any], orders: int, seeds: int) -> str:
+    return f"{run_stem(result)}_orders{orders}_seeds{seeds}_summary.json"
+
+
+def _mean_std(values: Sequence[float | None]) -> dict[str, float] | None:
+    if any(v is None for v in values):
+        return None
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation (over runs: orders x seeds) of the headline metrics and of
+    old, new, harmonic mean and balance per step; the lowest balance of any run."""
+    cnns = [r["cnn"] for r in results]
+    steps = len(cnns[0]["accuracy_per_step"])
+    per_step = {}
+    for key, fn in (
+        ("accuracy", lambda c, t: c["accuracy_per_step"][t]),
+        ("old", lambda c, t: c["old_accuracy_per_step"][t]),
+        ("new", lambda c, t: c["new_accuracy_per_step"][t]),
+        ("harmonic_mean", lambda c, t: _hm(c, t)),
+        ("balance", lambda c, t: _bal(c, t)),
+    ):
+        per_step[key] = [_mean_std([fn(c, t) for c in cnns]) for t in range(steps)]
+    return {
+        "format": RESULT_FORMAT + "/summary",
+        "runs": [
+            {"order_name": r.get("order_name"), "seed": r["seed"], "file": result_filename(r)}
+            for r in results
+        ],
+        "protocol": results[0]["protocol"],
+        "method": results[0]["method"],
+        "memory": results[0]["memory"],
+        "config": results[0]["config"],
+        "machine": results[0]["machine"],
+        "metrics": {
+            k: _mean_std([r["metrics"][k] for r in results])
+            for k in ("avg_incremental_accuracy", "last_accuracy", "forgetting")
+        },
+        "per_step": per_step,
+        "lowest_balance": min((lowest_balance(c) for c in cnns), default=None, key=_none_last),
+    }
+
+
+def _hm(cnn: dict[str, Any], t: int) -> float | None:
+    old, new = cnn["old_accuracy_per_step"][t], cnn["new_accuracy_per_step"][t]
+    return None if old is None else harmonic_mean(old, new)
+
+
+def _bal(cnn: dict[str, Any], t: int) -> float | None:
+    old, new = cnn["old_accuracy_per_step"][t], cnn["new_accuracy_per_step"][t]
+    return None if old is None else balance(old, new)
+
+
+def _none_last(value: float | None) -> float:
+    return float("inf") if value is None else value
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    def ms(v: dict[str, float] | None, fmt: str = ".1f") -> str:
+        return "-" if v is None else f"{v['mean']:{fmt}}±{v['std']:{fmt}}"
+
+    runs = summary["runs"]
+    lines = [
+        f"{summary['protocol']}  method={summary['method']}  memory={summary['memory']['size']}"
+        f"  {len(runs)} runs (orders x seeds), mean±std",
+        f"{'step':>4} {'acc':>11} {'old':>11} {'new':>11} {'hm':>11} {'balance':>11}",
+    ]
+    ps = summary["per_step"]
+    for t in range(len(ps["accuracy"])):
+        lines.append(
+            f"{t + 1:>4} {ms(ps['accuracy'][t]):>11} {ms(ps['old'][t]):>11} {ms(ps['new'][t]):>11}"
+            f" {ms(ps['harmonic_mean'][t]):>11} {ms(ps['balance'][t], '.2f'):>11}"
+        )
+    m = summary["metrics"]
+    lines.append(
+        f"avg incremental {ms(m['avg_incremental_accuracy'], '.2f')}  last {ms(m['last_accuracy'], '.2f')}"
+        f"  forgetting {ms(m['forgetting'], '.2f')}  lowest balance of any run {_f(summary['lowest_balance'], '.2f')}"
+    )
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,33 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--protocol", required=True, choices=sorted(PRESETS))
-    p.add_argument("--method", choices=["bsce", "ce"], default="bsce")
-    p.add_argument(
-        "--memory",
-        type=int,
-        default=None,
-        help="exemplar budget; 0 = no memory (default: the protocol's)",
-    )
-    p.add_argument("--memory-mode", choices=["fixed_total", "fixed_per_class"], default=None)
-    p.add_argument("--selection", choices=["herding", "random"], default="herding")
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="epochs per step (default 2; papers use 70-160 on a GPU)",
-    )
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--schedule", choices=["cosine", "multistep", "constant"], default=None)
-    p.add_argument("--no-distill", action="store_true", help="turn logit distillation off")
-    p.add_argument(
-        "--distill-weight", default=None, help="a float in [0,1] or 'adaptive' (default)"
-    )
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument(
-        "--feature-distill", type=float, default=None, help="weight of LUCIR feature distillation"
-    )
-    p.add_argument("--backbone", choices=["resnet32", "resnet18", "resnet8"], default=None)
     p.add_argument(
         "--order",
         default=None,
@@ -287,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=1993, help="training seed (the class order has its own)"
     )
+    p.add_argument(
+        "--orders",
+        type=int,
+        default=1,
+        help="run over this many class orders (the protocol's first; see protocols.order_names)",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="run seeds seed, seed+1, ... each")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--data-root", type=Path, default=None)
@@ -302,83 +377,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap training images per class (quick runs)",
     )
     p.add_argument("--out", type=Path, default=Path("results"))
+    add_recipe_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def config_from_args(args: argparse.Namespace, protocol: Protocol, dataset: Dataset) -> StepConfig:
-    base = step_config_for(protocol, dataset)
-    optim = {
-        k: v
-        for k, v in {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "schedule": args.schedule,
-        }.items()
-        if v is not None
-    }
-    distill: dict[str, Any] = {"enabled": not args.no_distill}
-    if args.distill_weight is not None:
-        distill["weight"] = (
-            args.distill_weight if args.distill_weight == "adaptive" else float(args.distill_weight)
-        )
-    if args.temperature is not None:
-        distill["temperature"] = args.temperature
-    if args.feature_distill is not None:
-        distill["feature_weight"] = args.feature_distill
-    memory = base.memory.model_dump()
-    if args.memory is not None:
-        memory["size"] = args.memory
-        memory["mode"] = (
-            "none"
-            if args.memory == 0
-            else (
-                args.memory_mode
-                or ("fixed_total" if base.memory.mode == "none" else base.memory.mode)
-            )
-        )
-    elif args.memory_mode is not None:
-        memory["mode"] = args.memory_mode
-    memory["selection"] = args.selection
-    model = base.model.model_dump()
-    if args.backbone:
-        model["backbone"] = args.backbone
-    return StepConfig(
-        method=args.method,
-        model=ModelConfig(**model),
-        optim=OptimConfig(**{**base.optim.model_dump(), **optim}),
-        distill=DistillConfig(**{**base.distill.model_dump(), **distill}),
-        memory=MemoryConfig(**memory),
-        augment=base.augment,
-    )
+    return recipe_from_args(args, step_config_for(protocol, dataset))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """One run, or with ``--orders K --seeds S`` every (order, seed) pair and a summary."""
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     protocol = get_protocol(args.protocol)
     dataset = load_dataset(protocol.dataset, root=args.data_root, download=args.download)
-    order = resolve_class_order(protocol, dataset.train.class_names, args.order)
     config = config_from_args(args, protocol, dataset)
-    result = run_protocol(
-        protocol,
-        config,
-        dataset,
-        order,
-        seed=args.seed,
-        device=device,
-        max_train_per_class=args.max_train_per_class,
-        progress=not args.no_progress,
-    )
+    orders = order_names(args.order or protocol.class_order, args.orders)
+    seeds = [args.seed + i for i in range(args.seeds)]
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / result_filename(result)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(format_table(result))
-    print(f"wrote {path}")
-    return result
+    results = []
+    for order_name in orders:
+        order = resolve_class_order(protocol, dataset.train.class_names, order_name)
+        for seed in seeds:
+            result = run_protocol(
+                protocol,
+                config,
+                dataset,
+                order,
+                seed=seed,
+                device=device,
+                max_train_per_class=args.max_train_per_class,
+                progress=not args.no_progress,
+            )
+            result["order_name"] = order_name
+            path = args.out / result_filename(result, default_order=protocol.class_order)
+            path.write_text(json.dumps(result, indent=1) + "\n")
+            print(format_table(result))
+            print(f"wrote {path}")
+            results.append(result)
+    if len(results) > 1:
+        summary = summarize(results)
+        path = args.out / summary_filename(results[0], len(orders), len(seeds))
+        path.write_text(json.dumps(summary, indent=1) + "\n")
+        print(format_summary(summary))
+        print(f"wrote {path}")
+    return results
 
 
 if __name__ == "__main__":

@@ -11,16 +11,23 @@ import torch
 import torch.nn.functional as F
 
 
-def log_prior(counts: torch.Tensor) -> torch.Tensor:
-    """``log n_j``, with ``-inf`` for a class with no sample this step.
+def log_prior(
+    counts: torch.Tensor, tau: float = 1.0, absent: float | str = "masked"
+) -> torch.Tensor:
+    """``tau * log n_j``; a class with no sample this step gets ``-inf`` ("masked") or the log
+    of a virtual count ``absent``.
 
     ``-inf`` removes the class from the softmax, so new data neither pushes its logit down nor
-    receives gradient through it (the memory-free setting).
+    receives gradient through it (the memory-free setting). ``tau = 1`` is the paper's prior,
+    ``tau = 0`` turns BSCE into plain cross-entropy over the classes present.
     """
     counts = counts.to(torch.float32)
     if (counts < 0).any():
         raise ValueError("class counts must be non-negative")
-    return torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))
+    if absent != "masked":
+        counts = torch.where(counts > 0, counts, torch.full_like(counts, float(absent)))
+    logs = counts.log() if tau == 1.0 else tau * counts.log()
+    return torch.where(counts > 0, logs, torch.full_like(counts, float("-inf")))
 
 
 def balanced_softmax_cross_entropy(
@@ -52,9 +59,3 @@ def feature_distillation(
 ) -> torch.Tensor:
     """LUCIR's less-forget constraint: 1 - cos between L2-normalised features."""
     return (1.0 - F.cosine_similarity(student_features, teacher_features, dim=1)).mean()
-
-
-def distillation_weight(weight: float | str, old_classes: int, seen_classes: int) -> float:
-    if weight == "adaptive":
-        return old_classes / seen_classes if seen_classes else 0.0
-    return float(weight)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, computed_field, model_validator
 
 TOP_K = 5
 
@@ -45,6 +45,27 @@ class IncrementalMetrics(BaseModel, frozen=True):
     top5_accuracy_per_step: list[float | None]
     # None unless every step has a top-5 accuracy.
     avg_incremental_top5: float | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def harmonic_mean_per_step(self) -> list[float | None]:
+        """Harmonic mean of old and new accuracy (None for the first step): high only when
+        both are, so a step that learns its classes by forgetting the rest (or the reverse)
+        cannot hide behind a good average."""
+        return [
+            None if o is None else harmonic_mean(o, n)
+            for o, n in zip(self.old_accuracy_per_step, self.new_accuracy_per_step, strict=True)
+        ]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def balance_per_step(self) -> list[float | None]:
+        """The lower of old and new accuracy over the higher (1 = balanced; None for the
+        first step)."""
+        return [
+            None if o is None else balance(o, n)
+            for o, n in zip(self.old_accuracy_per_step, self.new_accuracy_per_step, strict=True)
+        ]
 
     @model_validator(mode="after")
     def _check_lengths(self) -> IncrementalMetrics:
@@ -193,6 +214,15 @@ def accuracy_matrix(
 ) -> Matrix:
     """The T x T accuracy matrix a[t][k] (None for k > t); arguments as incremental_metrics."""
     return incremental_metrics(step_sizes, per_step_predictions).accuracy_matrix
+
+
+def harmonic_mean(old: float, new: float) -> float:
+    return 0.0 if old + new == 0 else 2.0 * old * new / (old + new)
+
+
+def balance(old: float, new: float) -> float:
+    high = max(old, new)
+    return 1.0 if high == 0 else min(old, new) / high
 
 
 def average_incremental_accuracy(accuracy_per_step: Sequence[float]) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import operator
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,9 +22,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
+from learner.core.config import MemoryConfig
+
 ORDER_SEED = 1993
 
-MemoryMode = Literal["fixed_total", "fixed_per_class", "none"]
 Dataset = Literal[
     "cifar10", "cifar100", "imagenet", "imagenet-subset", "fashion-mnist", "cifar10-subset"
 ]
@@ -79,6 +81,28 @@ CLASS_ORDERS: Mapping[str, tuple[int, ...]] = MappingProxyType(
 #   (identical to order A for CIFAR-100; our default for ImageNet-1k, CIFAR-10, Fashion-MNIST).
 # - "imagenet-subset-lucir": LUCIR's ImageNet-Subset rule, see resolve_class_order.
 ORDER_RULES: tuple[str, ...] = ("identity", "seed1993-permutation", "imagenet-subset-lucir")
+# "seed<N>-permutation" for any N: RandomState(N).permutation(n), for runs over several orders.
+_PERMUTATION = re.compile(r"^seed(\d+)-permutation$")
+
+
+def is_order_name(name: str) -> bool:
+    return name in CLASS_ORDERS or name in ORDER_RULES or bool(_PERMUTATION.match(name))
+
+
+def order_names(first: str, k: int) -> list[str]:
+    """``k`` class orders for a run over several orders, ``first`` first. After order B
+    (iCaRL's, PODNet's first) come PODNet's other two, as PODNet averages them; then, and for
+    every other order, the seed-1994, 1995, ... permutations (ours)."""
+    if k < 1:
+        raise ValueError(f"need at least one order, got {k}")
+    names = [first]
+    if first == "cifar100-seed1993-icarl":
+        names += ["cifar100-podnet-2", "cifar100-podnet-3"]
+    seed = ORDER_SEED + 1
+    while len(names) < k:
+        names.append(f"seed{seed}-permutation")
+        seed += 1
+    return names[:k]
 
 
 class Protocol(BaseModel, frozen=True, extra="forbid"):
@@ -94,10 +118,8 @@ class Protocol(BaseModel, frozen=True, extra="forbid"):
     num_steps: int = Field(ge=1)
     # A name from CLASS_ORDERS or ORDER_RULES; explicit lists go to resolve_class_order.
     class_order: str
-    memory_mode: MemoryMode
-    # Total exemplars for fixed_total, exemplars per class for fixed_per_class; ignored for
-    # none, so that a preset can be switched to the memory-free setting with one override.
-    memory_size: int = Field(ge=0)
+    # The literature's budget for this protocol; MemoryConfig(size=0) is the memory-free one.
+    memory: MemoryConfig
     total_classes: int = Field(ge=1)
 
     @model_validator(mode="after")
@@ -110,7 +132,7 @@ class Protocol(BaseModel, frozen=True, extra="forbid"):
                 f"(base_classes={self.base_classes}, increment={self.increment}, "
                 f"num_steps={self.num_steps})"
             )
-        if self.class_order not in CLASS_ORDERS and self.class_order not in ORDER_RULES:
+        if not is_order_name(self.class_order):
             raise ValueError(
                 f"protocol {self.name!r}: unknown class_order {self.class_order!r}; known: "
                 f"{', '.join([*CLASS_ORDERS, *ORDER_RULES])} (pass an explicit order or a "
@@ -147,10 +169,6 @@ class Protocol(BaseModel, frozen=True, extra="forbid"):
             start += size
         return steps
 
-    def quota_per_class(self, seen_classes: int) -> int:
-        """Exemplars kept per class once `seen_classes` classes have been learnt."""
-        return quota_per_class(self.memory_mode, self.memory_size, seen_classes)
-
 
 def _describe_sizes(sizes: list[int]) -> str:
     if len(sizes) > 6:
@@ -180,8 +198,7 @@ def _build_presets() -> Mapping[str, Protocol]:
             increment=100 // steps,
             num_steps=steps,
             class_order="cifar100-seed1993-icarl",
-            memory_mode="fixed_total",
-            memory_size=2000,
+            memory=MemoryConfig(mode="fixed_total", size=2000),
             total_classes=100,
         )
     # LUCIR (Hou et al., CVPR 2019) and PODNet (Douillard et al., ECCV 2020): 50 base
@@ -197,8 +214,7 @@ def _build_presets() -> Mapping[str, Protocol]:
             increment=50 // steps,
             num_steps=steps + 1,
             class_order="cifar100-seed1993-numpy",
-            memory_mode="fixed_per_class",
-            memory_size=20,
+            memory=MemoryConfig(mode="fixed_per_class", size=20),
             total_classes=100,
         )
     # LUCIR/PODNet on ImageNet-Subset: the same shape with ResNet-18 and LUCIR's 100-class
@@ -212,8 +228,7 @@ def _build_presets() -> Mapping[str, Protocol]:
             increment=50 // steps,
             num_steps=steps + 1,
             class_order="imagenet-subset-lucir",
-            memory_mode="fixed_per_class",
-            memory_size=20,
+            memory=MemoryConfig(mode="fixed_per_class", size=20),
             total_classes=100,
         )
     # LUCIR/PODNet on ImageNet-1k: 500 base classes, then 5/10 steps of 100/50, 20 per
@@ -228,8 +243,7 @@ def _build_presets() -> Mapping[str, Protocol]:
             increment=500 // steps,
             num_steps=steps + 1,
             class_order="seed1993-permutation",
-            memory_mode="fixed_per_class",
-            memory_size=20,
+            memory=MemoryConfig(mode="fixed_per_class", size=20),
             total_classes=1000,
         )
     # Split CIFAR-10 / Split Fashion-MNIST in 5 steps of 2 classes (as in Avalanche and
@@ -243,8 +257,7 @@ def _build_presets() -> Mapping[str, Protocol]:
             increment=2,
             num_steps=5,
             class_order="seed1993-permutation",
-            memory_mode="fixed_total",
-            memory_size=2000,
+            memory=MemoryConfig(mode="fixed_total", size=2000),
             total_classes=10,
         )
     # Ours: the small CIFAR-10 subset bundled for demos and tests, with a budget scaled down
@@ -257,8 +270,7 @@ def _build_presets() -> Mapping[str, Protocol]:
         increment=2,
         num_steps=5,
         class_order="seed1993-permutation",
-        memory_mode="fixed_total",
-        memory_size=200,
+        memory=MemoryConfig(mode="fixed_total", size=200),
         total_classes=10,
     )
     return MappingProxyType(presets)
@@ -337,7 +349,7 @@ def resolve_class_order(
     if isinstance(spec, str):
         if spec in CLASS_ORDERS:
             indices = list(CLASS_ORDERS[spec])
-        elif spec in ORDER_RULES:
+        elif spec in ORDER_RULES or _PERMUTATION.match(spec):
             indices = _apply_rule(spec, names, protocol.total_classes)
         elif Path(spec).is_file():
             indices = load_class_order_file(spec)
@@ -377,8 +389,10 @@ def _apply_rule(rule: str, names: list[str], total_classes: int) -> list[int]:
         )
     if rule == "identity":
         return list(range(n))
-    if rule == "seed1993-permutation":
-        return [int(i) for i in np.random.RandomState(ORDER_SEED).permutation(n)]
+    permutation = _PERMUTATION.match(rule)
+    if permutation:
+        seed = int(permutation.group(1))
+        return [int(i) for i in np.random.RandomState(seed).permutation(n)]
     raise AssertionError(f"unhandled order rule {rule!r}")  # ORDER_RULES and this disagree
 
 
@@ -395,16 +409,3 @@ def _validate_order(order: list[int], num_names: int, total_classes: int) -> Non
             f"class order has indices outside 0..{num_names - 1} (the data set has "
             f"{num_names} classes): {bad[:10]}"
         )
-
-
-def quota_per_class(mode: MemoryMode, size: int, seen_classes: int) -> int:
-    """Exemplars kept per class: fixed_total M -> M // seen, fixed_per_class m -> m, none -> 0."""
-    if size < 0 or seen_classes < 0:
-        raise ValueError(f"size and seen_classes must be >= 0, got {size} and {seen_classes}")
-    if mode == "none" or seen_classes == 0:
-        return 0
-    if mode == "fixed_total":
-        return size // seen_classes
-    if mode == "fixed_per_class":
-        return size
-    raise ValueError(f"unknown memory mode {mode!r}; known: fixed_total, fixed_per_class, none")

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(args.seed)
 
     config = StepConfig(
-        optim=OptimConfig(epochs=1), memory=MemoryConfig(mode="fixed_total", size=2000)
+        optim=OptimConfig(epochs=1, min_steps=0), memory=MemoryConfig(mode="fixed_total", size=2000)
     )
     old, new = args.old_classes, args.new_classes
     teacher = IncrementalNet.create(config.model, g, old)

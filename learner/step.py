@@ -1,7 +1,8 @@
 """One incremental step: train on new data plus exemplars, then select the new memory.
 
-The recipe: BSCE (or CE, the baseline) on the step's training set, logit distillation from the
-frozen previous version, optional feature distillation, no separate bias-correction stage.
+The loop is shared by every method; what differs (the loss, the distillation terms, a stage
+after training) comes from the step's method (learner.methods). No method here adds a
+separate bias-correction stage after BSCE.
 The function is pure in its inputs: the caller's model and memory are left untouched.
 """
 
@@ -17,19 +18,11 @@ import torch
 from pydantic import BaseModel
 
 from learner.core.augment import Normalizer, random_crop_flip
-from learner.core.config import StepConfig
+from learner.core.config import OptimConfig, StepConfig
 from learner.core.evaluate import class_means_from_features, infer
 from learner.core.model import IncrementalNet
 from learner.exemplars import ExemplarMemory, herding, random_selection
-from learner.losses import (
-    balanced_softmax_cross_entropy,
-    cross_entropy,
-    distillation_weight,
-    feature_distillation,
-    log_prior,
-    logit_distillation,
-)
-from learner.protocols import quota_per_class
+from learner.methods import Method, build_method
 
 # Below this size a step's training set is copied to an accelerator once, so that batches
 # are gathered there instead of crossing the bus every iteration.
@@ -65,6 +58,10 @@ class StepReport(BaseModel):
     counts: list[int]
     distill_weight: float
     epochs: int
+    # The budget as asked (epochs, min_steps) and as it resolved for this step's data.
+    min_steps: int = 0
+    batches_per_epoch: int = 0
+    optimizer_steps: int = 0
     images_trained: int
     loss_per_epoch: list[float]
     train_seconds: float
@@ -135,13 +132,16 @@ def train_step(
     if device.type != "cpu" and images.numel() < _ON_DEVICE_BYTES:
         images, labels = images.to(device), labels.to(device)
 
-    prior = log_prior(counts).to(device)
-    lam = distillation_weight(config.distill.weight, old, seen) if teacher is not None else 0.0
+    method = build_method(config)
+    method.before_training(counts, device)
+    lam = config.distill.weight_for(old, seen) if teacher is not None else 0.0
+    budget = resolve_budget(config.optim, int(labels.shape[0]))
     losses = _train(
-        student, teacher, images, labels, prior, lam, old, config, device, generator, on_epoch
+        student, teacher, images, labels, method, lam, budget, config, device, generator, on_epoch
     )
+    method.after_training(student)
     train_seconds = time.perf_counter() - start
-    images_trained = config.optim.epochs * int(labels.shape[0])
+    images_trained = budget.epochs * int(labels.shape[0])
 
     new_memory, class_means, timings = update_memory(
         student, data, memory, seen, config, device, generator
@@ -153,7 +153,10 @@ def train_step(
         seen_classes=seen,
         counts=counts.tolist(),
         distill_weight=lam,
-        epochs=config.optim.epochs,
+        epochs=budget.epochs,
+        min_steps=config.optim.min_steps,
+        batches_per_epoch=budget.batches,
+        optimizer_steps=budget.steps,
         images_trained=images_trained,
         loss_per_epoch=losses,
         train_seconds=train_seconds,
@@ -164,35 +167,53 @@ def train_step(
     return StepResult(student, new_memory, counts, class_means, report)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A step's training budget resolved against its data: whole epochs of ``batches``."""
+
+    epochs: int
+    batches: int
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.batches
+
+
+def resolve_budget(optim: OptimConfig, samples: int) -> Budget:
+    """``optim.epochs``, or more whole epochs where that gives fewer than ``optim.min_steps``
+    optimizer steps (a small post); the learning-rate schedule spans the resolved budget."""
+    batches = math.ceil(samples / optim.batch_size)
+    epochs = max(optim.epochs, math.ceil(optim.min_steps / batches))
+    return Budget(epochs=epochs, batches=batches)
+
+
 def _train(
     student: IncrementalNet,
     teacher: IncrementalNet | None,
     images: torch.Tensor,
     labels: torch.Tensor,
-    prior: torch.Tensor,
+    method: Method,
     lam: float,
-    old: int,
+    budget: Budget,
     config: StepConfig,
     device: torch.device,
     generator: torch.Generator,
     on_epoch: Callable[[int, int, float], None] | None,
 ) -> list[float]:
-    o, d = config.optim, config.distill
+    o = config.optim
     student.train()
     optimizer = torch.optim.SGD(
         student.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
     )
     n = int(labels.shape[0])
-    batches = math.ceil(n / o.batch_size)
-    total = o.epochs * batches
+    batches, total = budget.batches, budget.steps
     # The augmentation draws on the training device; its seed comes from the step's generator
     # so one seed still fixes the whole run.
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     normalize = Normalizer(config.augment, device, student.config.channels_last)
-    use_bsce = config.method == "bsce"
     losses = []
-    for epoch in range(o.epochs):
+    for epoch in range(budget.epochs):
         order = torch.randperm(n, generator=generator).to(labels.device)
         running = torch.zeros((), device=device)
         for b in range(batches):
@@ -203,24 +224,18 @@ def _train(
             y = labels[idx].to(device, non_blocking=True)
             x = normalize(random_crop_flip(x, config.augment, aug_gen))
             logits, feats = student.forward_with_features(x)
-            if use_bsce:
-                loss = balanced_softmax_cross_entropy(logits, y, prior)
-            else:
-                loss = cross_entropy(logits, y)
+            target = None
             if teacher is not None:
                 with torch.no_grad():
-                    t_logits, t_feats = teacher.forward_with_features(x)
-                kd = logit_distillation(logits[:, :old], t_logits, d.temperature)
-                loss = (1.0 - lam) * loss + lam * kd
-                if d.feature_weight > 0:
-                    loss = loss + d.feature_weight * feature_distillation(feats, t_feats)
+                    target = teacher.forward_with_features(x)
+            loss = method.loss(logits, feats, y, target, lam)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             running += loss.detach()
         losses.append(float(running) / batches)
         if on_epoch is not None:
-            on_epoch(epoch + 1, o.epochs, losses[-1])
+            on_epoch(epoch + 1, budget.epochs, losses[-1])
     return losses
 
 
@@ -233,7 +248,7 @@ def update_memory(
     device: torch.device,
     generator: torch.Generator,
 ) -> tuple[ExemplarMemory, torch.Tensor | None, dict[str, float]]:
-    quota = quota_per_class(config.memory.mode, config.memory.size, seen)
+    quota = config.memory.quota(seen)
     timings = {"feature_seconds": 0.0, "herding_seconds": 0.0, "class_mean_seconds": 0.0}
     if quota == 0:
         timings["selection_seconds"] = 0.0

@@ -32,6 +32,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from learner.bench import (
 from learner.bench import format_table as bench_format_table
 from learner.core.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
 from learner.core.machine import describe_machine
+from learner.core.methods import DEFAULT_METHOD, METHOD_NAMES
 from learner.data import Dataset, load_dataset
 from learner.metrics import IncrementalEvaluation
 from learner.protocols import PRESETS, Protocol, get_protocol, resolve_class_order
@@ -55,8 +57,6 @@ from .client import Client, ServerError, encode_images, parse_time, version_meta
 
 SOURCE = "http"
 # The worker's defaults (learner/worker.py) where the server does not say what it runs.
-WORKER_DEFAULT_EPOCHS = 4
-WORKER_DEFAULT_BACKBONE = "resnet32"
 WORKER_DEFAULT_SEED = 1993
 
 
@@ -177,18 +177,20 @@ def to_learning_order(
 def assumed_config(args: argparse.Namespace, protocol: Protocol, dataset: Dataset) -> StepConfig:
     """The worker's config as its command-line defaults would make it (learner.worker
     config_from_args), with the replay's arguments: used only when the server does not say."""
-    memory = args.memory if args.memory is not None else protocol.memory_size
-    mode = "none" if memory == 0 else protocol.memory_mode
-    if mode == "none" and memory:
-        mode = "fixed_total"
+    default = StepConfig()  # the worker's recipe is the config's defaults (learner.worker)
+    memory = (
+        protocol.memory
+        if args.memory is None
+        else {**protocol.memory.model_dump(), "size": args.memory}
+    )
     return StepConfig(
-        method=args.method or "bsce",
+        method=args.method or default.method,
         model=ModelConfig(
-            backbone=args.backbone or WORKER_DEFAULT_BACKBONE,
+            backbone=args.backbone or default.model.backbone,
             in_channels=dataset.train.images.shape[1],
         ),
-        optim=OptimConfig(epochs=args.epochs or WORKER_DEFAULT_EPOCHS),
-        memory=MemoryConfig(mode=mode, size=memory),
+        optim=OptimConfig(epochs=args.epochs or default.optim.epochs),
+        memory=MemoryConfig.model_validate(memory),
     )
 
 
@@ -251,23 +253,59 @@ def _derived_epochs(metrics: dict[str, Any], counts: Sequence[int]) -> int | Non
 # -- the replay --------------------------------------------------------------------------------
 
 
-def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class ReplayData:
+    """The protocol to replay, its class order and the data set, labelled in learning order."""
+
+    protocol: Protocol
+    dataset: Dataset
+    order: list[int]
+    steps: list[list[int]]
+    names: list[str]  # class names in learning order
+    train_y: torch.Tensor  # learning-order labels; -1 for a class outside the protocol
+    test_y: torch.Tensor
+
+    @property
+    def step_sizes(self) -> list[int]:
+        return [len(s) for s in self.steps]
+
+    @property
+    def index_of(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+
+def load_replay_data(args: argparse.Namespace) -> ReplayData:
     protocol = get_protocol(args.protocol)
     dataset = load_dataset(protocol.dataset, root=args.data_root)
     full_order = resolve_class_order(protocol, dataset.train.class_names, args.order)
     protocol, order = truncated_protocol(protocol, full_order, args.steps)
-    steps = protocol.step_classes(order)
-    step_sizes = [len(s) for s in steps]
-    names = [dataset.train.class_names[c] for c in order]
-    index_of = {n: i for i, n in enumerate(names)}
-
     remap = torch.full((len(dataset.train.class_names),), -1, dtype=torch.int64)
     remap[torch.as_tensor(order)] = torch.arange(len(order))
-    train_y = remap[dataset.train.labels]
-    test_y = remap[dataset.test.labels]
-    train_names = np.asarray(dataset.train.class_names, dtype=object)
+    return ReplayData(
+        protocol=protocol,
+        dataset=dataset,
+        order=order,
+        steps=protocol.step_classes(order),
+        names=[dataset.train.class_names[c] for c in order],
+        train_y=remap[dataset.train.labels],
+        test_y=remap[dataset.test.labels],
+    )
 
+
+@dataclass(frozen=True)
+class ServerStart:
+    """The server before the first step: its version 0 and what it says about its learner."""
+
+    fresh: bool
+    base_version: int
+    base_meta: dict[str, Any] | None
+    config_source: str
+    workers: int | None
+
+
+def open_server(args: argparse.Namespace) -> tuple[Client, ServerStart]:
+    """A client of the ready server, and the server's state; refuses a used server unless
+    ``--allow-used-server``."""
     client = Client(args.url, args.token, timeout_s=args.request_timeout)
     client.wait_ready(args.ready_timeout)
     versions = client.versions()
@@ -284,193 +322,314 @@ def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     base_version = int(versions["current"])
     base_info = client.version_info(base_version)
     base_meta, config_source = version_metadata(client, base_info, args.bentoml_home, base_version)
-    server_workers = client.server_workers()
+    return client, ServerStart(
+        fresh, base_version, base_meta, config_source, client.server_workers()
+    )
 
-    worker_seed: int | None = None
-    if base_meta is not None and isinstance(base_meta.get("config"), dict):
-        base_config = base_meta["config"]
-        worker_seed = _worker_seed(base_meta, base_version)
-        problems = check_server_config(base_config, worker_seed, args, dataset)
+
+def base_config(
+    args: argparse.Namespace, data: ReplayData, server: ServerStart, log: Any
+) -> tuple[dict[str, Any], str, int | None]:
+    """(the learner's config at version 0, where it came from, the worker's seed if known):
+    what the server says, checked against the arguments, else the config they assume."""
+    meta = server.base_meta
+    if meta is not None and isinstance(meta.get("config"), dict):
+        seed = _worker_seed(meta, server.base_version)
+        problems = check_server_config(meta["config"], seed, args, data.dataset)
         if problems and not args.ignore_config_mismatch:
             raise ReplayError("; ".join(problems))
         for p in problems:
             log(f"warning: {p}")
-    else:
-        base_config = assumed_config(args, protocol, dataset).model_dump(mode="json")
-        config_source = "assumed"
-        log(
-            "warning: the server does not expose the learner's config; recording the one "
-            "assumed from the arguments (pass --bentoml-home to read it from the model store)"
-        )
-
-    overrides = {k: v for k, v in {"method": args.method, "epochs": args.epochs}.items() if v}
-    cnn_eval = IncrementalEvaluation()
-    reports: list[dict[str, Any]] = []
-    step_configs: list[dict[str, Any] | None] = []
-    learner_machine: dict[str, Any] | None = None
-    step_rng: list[str | None] = []
-    test_cache: dict[int, list[str]] = {}
-    seen = 0
-    step_source = config_source
+        return meta["config"], server.config_source, seed
     log(
-        f"replaying {protocol.name} ({len(steps)} steps) against {client.url}: "
-        f"{server_workers or '?'} API workers, config from {config_source}"
+        "warning: the server does not expose the learner's config; recording the one "
+        "assumed from the arguments (pass --bentoml-home to read it from the model store)"
     )
-    for t, step in enumerate(steps):
-        lo, hi = seen, seen + len(step)
-        idx = step_indices(train_y, lo, hi, args.max_train_per_class)
-        images = encode_images(dataset.train.images[idx].numpy())
-        labels = [str(n) for n in train_names[dataset.train.labels[idx].numpy()]]
-        t_post = time.time()
-        try:
-            accepted, body_bytes = client.learn(
-                images, labels, overrides or None, classes=names[lo:hi]
-            )
-        except ServerError as e:
-            if e.status == 413:
-                raise ReplayError(
-                    f"step {t + 1}: the server refuses one /learn request of {len(images)} "
-                    f"images ({e.error}). A step must be one job: raise BSCE_MAX_BODY_BYTES / "
-                    "BSCE_MAX_LEARN_IMAGES (and the store's job size limit) on the server"
-                ) from e
-            raise
-        post_seconds = time.time() - t_post
-        if accepted["classes"] != names[lo:hi]:
-            raise ReplayError(f"step {t + 1}: server took classes {accepted['classes']}")
-        del images
-        status = client.wait_job(accepted["job_id"], timeout_s=args.job_timeout)
-        version = int(status["version"])
-        seen = hi
+    assumed = assumed_config(args, data.protocol, data.dataset).model_dump(mode="json")
+    return assumed, "assumed", None
 
-        for c in range(lo, hi):
-            if c not in test_cache:
-                sel = (test_y == c).nonzero().squeeze(1)
-                test_cache[c] = encode_images(dataset.test.images[sel].numpy())
+
+@dataclass(frozen=True)
+class PostedStep:
+    """One step's POST /learn, as the server accepted it."""
+
+    job_id: str
+    train_images: int
+    request_bytes: int
+    posted_at: float  # time.time() at the start of the POST
+    post_seconds: float
+
+
+def post_step(
+    client: Client,
+    data: ReplayData,
+    t: int,
+    lo: int,
+    hi: int,
+    args: argparse.Namespace,
+    overrides: dict[str, Any],
+) -> PostedStep:
+    """POST the training images of learning-order classes lo..hi-1 as one /learn job."""
+    train = data.dataset.train
+    idx = step_indices(data.train_y, lo, hi, args.max_train_per_class)
+    images = encode_images(train.images[idx].numpy())
+    names = np.asarray(train.class_names, dtype=object)
+    labels = [str(n) for n in names[train.labels[idx].numpy()]]
+    t_post = time.time()
+    try:
+        accepted, body_bytes = client.learn(
+            images, labels, overrides or None, classes=data.names[lo:hi]
+        )
+    except ServerError as e:
+        if e.status == 413:
+            raise ReplayError(
+                f"step {t + 1}: the server refuses one /learn request of {len(images)} "
+                f"images ({e.error}). A step must be one job: raise BSCE_MAX_BODY_BYTES / "
+                "BSCE_MAX_LEARN_IMAGES (and the store's job size limit) on the server"
+            ) from e
+        raise
+    post_seconds = time.time() - t_post
+    if accepted["classes"] != data.names[lo:hi]:
+        raise ReplayError(f"step {t + 1}: server took classes {accepted['classes']}")
+    return PostedStep(accepted["job_id"], int(idx.shape[0]), body_bytes, t_post, post_seconds)
+
+
+def report_from_version_info(
+    info: dict[str, Any], metrics: dict[str, Any], lo: int, hi: int
+) -> dict[str, Any]:
+    """A step report from what ``VersionInfo`` gives, for a server without the learner's."""
+    counts = list(info.get("counts") or [])
+    epochs = _derived_epochs(metrics, counts)
+    return {
+        "step_classes": list(range(lo, hi)),
+        "seen_classes": len(info.get("class_names") or []),
+        "counts": counts,
+        "epochs": epochs,
+        "images_trained": None if epochs is None else epochs * sum(counts),
+        "train_seconds": metrics.get("train_seconds"),
+        "train_images_per_second": metrics.get("train_images_per_second"),
+        "selection_seconds": None,
+    }
+
+
+def http_report(
+    posted: PostedStep,
+    status: dict[str, Any],
+    version: int,
+    metadata_source: str,
+    served_at: float,
+    test_images: int,
+    eval_stats: dict[str, Any],
+) -> dict[str, Any]:
+    """A step's ``http`` record: what only the HTTP side can say."""
+    submitted = parse_time(status.get("submitted"))
+    started = parse_time(status.get("started"))
+    finished = parse_time(status.get("finished"))
+    return {
+        "version": version,
+        "job_id": posted.job_id,
+        "metadata_source": metadata_source,
+        "train_images": posted.train_images,
+        "request_bytes": posted.request_bytes,
+        "post_seconds": posted.post_seconds,
+        "queued_seconds": None if started is None or submitted is None else started - submitted,
+        "job_seconds": None if finished is None or started is None else finished - started,
+        # From the start of POST /learn to the first /predict answered by the new version.
+        "learn_latency_seconds": served_at - posted.posted_at,
+        "swap_seconds": None if finished is None else served_at - finished,
+        "test_images": test_images,
+        **eval_stats,
+    }
+
+
+class Replay:
+    """The replay's state across steps: `step` learns one protocol step through the server
+    and evaluates it, `result` makes the result record."""
+
+    def __init__(self, args: argparse.Namespace, data: ReplayData, log: Any = print) -> None:
+        self.args, self.data, self.log = args, data, log
+        self.client, self.server = open_server(args)
+        self.base_config, self.config_source, self.worker_seed = base_config(
+            args, data, self.server, log
+        )
+        self.overrides = {
+            k: v for k, v in {"method": args.method, "epochs": args.epochs}.items() if v
+        }
+        self.cnn_eval = IncrementalEvaluation()
+        self.reports: list[dict[str, Any]] = []
+        self.step_configs: list[dict[str, Any] | None] = []
+        self.step_rng: list[str | None] = []
+        self.step_source = self.config_source
+        self.learner_machine: dict[str, Any] | None = None
+        self.test_cache: dict[int, list[str]] = {}
+        self.seen = 0
+
+    def step(self, t: int, classes: Sequence[int]) -> dict[str, Any]:
+        lo, hi = self.seen, self.seen + len(classes)
+        posted = post_step(self.client, self.data, t, lo, hi, self.args, self.overrides)
+        status = self.client.wait_job(posted.job_id, timeout_s=self.args.job_timeout)
+        version = int(status["version"])
+        self.seen = hi
+        served_at, test_images, eval_stats = self.evaluate(t, lo, version)
+        report, source, metrics = self.learner_report(version, lo, hi)
+        report["accuracy"] = self.cnn_eval.result().accuracy_per_step[-1]
+        report["memory"] = metrics.get("exemplars")
+        report["http"] = http_report(
+            posted, status, version, source, served_at, test_images, eval_stats
+        )
+        self.reports.append(report)
+        self.log(
+            f"step {t + 1}/{len(self.data.steps)}: {len(classes)} classes, "
+            f"{posted.train_images} images -> version {version}; learned in "
+            f"{report['http']['learn_latency_seconds']:.1f} s; "
+            f"accuracy {report['accuracy']:.1f} on {test_images} test images"
+        )
+        return report
+
+    def evaluate(self, t: int, lo: int, version: int) -> tuple[float, int, dict[str, Any]]:
+        """Wait until `version` answers, then predict the test images of every class seen so
+        far; (when it first answered, test images, evaluation stats)."""
+        test = self.data.dataset.test
+        for c in range(lo, self.seen):
+            if c not in self.test_cache:
+                sel = (self.data.test_y == c).nonzero().squeeze(1)
+                self.test_cache[c] = encode_images(test.images[sel].numpy())
         # The offline runner's test samples (all of the seen classes), grouped by class;
         # accuracies do not depend on the order.
-        batch_b64 = [b for c in range(seen) for b in test_cache[c]]
-        y_true = np.concatenate([np.full(len(test_cache[c]), c) for c in range(seen)])
-        served_at = wait_served(client, test_cache[lo][0], version, args.swap_timeout)
-        top, eval_stats = predict_all(client, batch_b64, version, args.predict_batch)
-        y_pred, topk = to_learning_order(top, index_of, 5)
-        cnn_eval.add_step(y_true, y_pred, step_sizes[: t + 1], topk_pred=topk)
-
-        info = client.version_info(version)
-        meta, source = version_metadata(client, info, args.bentoml_home, version)
-        counts = list(info.get("counts") or [])
-        metrics = dict(info.get("metrics") or {})
-        if meta is not None and isinstance(meta.get("report"), dict):
-            report = dict(meta["report"])
-            step_configs.append(meta.get("config"))
-            step_source = source
-            learner_machine = meta.get("machine") or learner_machine
-            step_rng.append(meta.get("rng"))
-            if worker_seed is None:
-                worker_seed = _worker_seed(meta, version)
-        else:
-            epochs = _derived_epochs(metrics, counts) if isinstance(counts, list) else None
-            report = {
-                "step_classes": list(range(lo, hi)),
-                "seen_classes": len(info.get("class_names") or []),
-                "counts": counts,
-                "epochs": epochs,
-                "images_trained": None if epochs is None else epochs * sum(counts),
-                "train_seconds": metrics.get("train_seconds"),
-                "train_images_per_second": metrics.get("train_images_per_second"),
-                "selection_seconds": None,
-            }
-            step_configs.append(None)
-            step_rng.append(None)
-        report["accuracy"] = cnn_eval.result().accuracy_per_step[-1]
-        report["memory"] = metrics.get("exemplars")
-        submitted = parse_time(status.get("submitted"))
-        started = parse_time(status.get("started"))
-        finished = parse_time(status.get("finished"))
-        report["http"] = {
-            "version": version,
-            "job_id": accepted["job_id"],
-            "metadata_source": source,
-            "train_images": int(idx.shape[0]),
-            "request_bytes": body_bytes,
-            "post_seconds": post_seconds,
-            "queued_seconds": None if started is None or submitted is None else started - submitted,
-            "job_seconds": None if finished is None or started is None else finished - started,
-            # From the start of POST /learn to the first /predict answered by the new version.
-            "learn_latency_seconds": served_at - t_post,
-            "swap_seconds": None if finished is None else served_at - finished,
-            "test_images": len(batch_b64),
-            **eval_stats,
-        }
-        reports.append(report)
-        h = report["http"]
-        log(
-            f"step {t + 1}/{len(steps)}: {len(step)} classes, {h['train_images']} images -> "
-            f"version {version}; learned in {h['learn_latency_seconds']:.1f} s; "
-            f"accuracy {report['accuracy']:.1f} on {len(batch_b64)} test images"
+        batch_b64 = [b for c in range(self.seen) for b in self.test_cache[c]]
+        y_true = np.concatenate([np.full(len(self.test_cache[c]), c) for c in range(self.seen)])
+        served_at = wait_served(
+            self.client, self.test_cache[lo][0], version, self.args.swap_timeout
         )
+        top, eval_stats = predict_all(self.client, batch_b64, version, self.args.predict_batch)
+        y_pred, topk = to_learning_order(top, self.data.index_of, 5)
+        self.cnn_eval.add_step(y_true, y_pred, self.data.step_sizes[: t + 1], topk_pred=topk)
+        return served_at, len(batch_b64), eval_stats
 
-    # Counted again at the end: a worker still starting at the beginning is missed there.
-    server_workers = max(server_workers or 0, client.server_workers() or 0) or None
-    client.close()
-    cnn = cnn_eval.result()
-    config = next((c for c in reversed(step_configs) if c), None)
-    if config is None:
-        config = json.loads(json.dumps(base_config))
-        config["method"] = args.method or config.get("method", "bsce")
-        if args.epochs:
-            config["optim"]["epochs"] = args.epochs
-        elif reports and reports[-1].get("epochs"):
-            config["optim"]["epochs"] = reports[-1]["epochs"]
-    else:
-        config_source = step_source
-    distinct = {json.dumps(c, sort_keys=True) for c in step_configs if c}
-    seed = worker_seed if worker_seed is not None else (args.seed or WORKER_DEFAULT_SEED)
-    trained = [r.get("images_trained") for r in reports]
-    train_s = [r.get("train_seconds") for r in reports]
-    client_machine = describe_machine(torch.device("cpu"))
-    return {
-        "format": RESULT_FORMAT,
-        "source": SOURCE,
-        "url": client.url,
-        "protocol": protocol.name,
-        "protocol_config": protocol.model_dump(mode="json"),
-        "method": config["method"],
-        "memory": config["memory"],
-        "config": config,
-        "config_source": config_source,
-        "config_per_step_differs": len(distinct) > 1,
-        "class_order": [int(c) for c in order],
-        "class_names": names,
-        "seed": seed,
-        "seed_rule": "version 0's weights come from Generator(seed); each step continues its "
-        "parent version's random stream (step_rng 'parent'), as learner.bench draws a whole "
-        "run from one generator",
-        "step_rng": step_rng,
-        "order_seed": protocol.class_order,
-        "max_train_per_class": args.max_train_per_class,
-        "data_source": dataset.source,
-        "machine": learner_machine
-        or {**client_machine, "note": "client machine (learner's unknown)"},
-        "client_machine": client_machine,
-        "server": {
-            "workers": server_workers,
-            "fresh": fresh,
-            "base_version": base_version,
-            "overrides": overrides,
-        },
-        "versions": [r["http"]["version"] for r in reports],
-        "learn_latency_seconds": [r["http"]["learn_latency_seconds"] for r in reports],
-        **metric_fields(cnn),
-        # The server predicts with the CNN head only; NME is not served.
-        "nme": None,
-        "steps": reports,
-        "wall_seconds": time.perf_counter() - start,
-        "train_images_per_second": (
-            sum(trained) / sum(train_s)
-            if all(v is not None for v in trained + train_s) and sum(train_s) > 0
-            else None
-        ),
-    }
+    def learner_report(
+        self, version: int, lo: int, hi: int
+    ) -> tuple[dict[str, Any], str, dict[str, Any]]:
+        """(the step report, where it came from, the version's metrics); records the
+        learner's config, random stream, machine and seed when the server gives them."""
+        info = self.client.version_info(version)
+        meta, source = version_metadata(self.client, info, self.args.bentoml_home, version)
+        metrics = dict(info.get("metrics") or {})
+        if meta is None or not isinstance(meta.get("report"), dict):
+            self.step_configs.append(None)
+            self.step_rng.append(None)
+            return report_from_version_info(info, metrics, lo, hi), source, metrics
+        self.step_configs.append(meta.get("config"))
+        self.step_source = source
+        self.learner_machine = meta.get("machine") or self.learner_machine
+        self.step_rng.append(meta.get("rng"))
+        if self.worker_seed is None:
+            self.worker_seed = _worker_seed(meta, version)
+        return dict(meta["report"]), source, metrics
+
+    def final_config(self) -> tuple[dict[str, Any], str]:
+        """The config of the last step that reported one, else version 0's with the
+        overrides applied; and where it came from."""
+        config = next((c for c in reversed(self.step_configs) if c), None)
+        if config is not None:
+            return config, self.step_source
+        config = json.loads(json.dumps(self.base_config))
+        config["method"] = self.args.method or config.get("method", DEFAULT_METHOD)
+        if self.args.epochs:
+            config["optim"]["epochs"] = self.args.epochs
+        elif self.reports and self.reports[-1].get("epochs"):
+            config["optim"]["epochs"] = self.reports[-1]["epochs"]
+        return config, self.config_source
+
+    def result(self, start: float) -> dict[str, Any]:
+        """The result record (``learner.bench.run_protocol``'s keys and the HTTP ones);
+        closes the client. `start`: time.perf_counter() at the start of the replay."""
+        # Counted again at the end: a worker still starting at the beginning is missed there.
+        workers = max(self.server.workers or 0, self.client.server_workers() or 0) or None
+        self.client.close()
+        config, config_source = self.final_config()
+        return {
+            **self.run_fields(config, config_source),
+            **self.machine_fields(workers),
+            **self.outcome_fields(start),
+        }
+
+    def run_fields(self, config: dict[str, Any], config_source: str) -> dict[str, Any]:
+        """What was replayed: protocol, config, class order, seed, data."""
+        args, data = self.args, self.data
+        distinct = {json.dumps(c, sort_keys=True) for c in self.step_configs if c}
+        seed = self.worker_seed
+        return {
+            "format": RESULT_FORMAT,
+            "source": SOURCE,
+            "url": self.client.url,
+            "protocol": data.protocol.name,
+            "protocol_config": data.protocol.model_dump(mode="json"),
+            "method": config["method"],
+            "memory": config["memory"],
+            "config": config,
+            "config_source": config_source,
+            "config_per_step_differs": len(distinct) > 1,
+            "class_order": [int(c) for c in data.order],
+            "class_names": data.names,
+            "seed": seed if seed is not None else (args.seed or WORKER_DEFAULT_SEED),
+            "seed_rule": "version 0's weights come from Generator(seed); each step continues "
+            "its parent version's random stream (step_rng 'parent'), as learner.bench draws a "
+            "whole run from one generator",
+            "step_rng": self.step_rng,
+            "order_seed": data.protocol.class_order,
+            "max_train_per_class": args.max_train_per_class,
+            "data_source": data.dataset.source,
+        }
+
+    def machine_fields(self, workers: int | None) -> dict[str, Any]:
+        """Where it ran: the learner's machine, the client's, the server."""
+        client_machine = describe_machine(torch.device("cpu"))
+        return {
+            "machine": self.learner_machine
+            or {**client_machine, "note": "client machine (learner's unknown)"},
+            "client_machine": client_machine,
+            "server": {
+                "workers": workers,
+                "fresh": self.server.fresh,
+                "base_version": self.server.base_version,
+                "overrides": self.overrides,
+            },
+        }
+
+    def outcome_fields(self, start: float) -> dict[str, Any]:
+        """What came out: versions, latencies, metrics, step reports, speed."""
+        reports = self.reports
+        trained = [r.get("images_trained") for r in reports]
+        train_s = [r.get("train_seconds") for r in reports]
+        return {
+            "versions": [r["http"]["version"] for r in reports],
+            "learn_latency_seconds": [r["http"]["learn_latency_seconds"] for r in reports],
+            **metric_fields(self.cnn_eval.result()),
+            # The server predicts with the CNN head only; NME is not served.
+            "nme": None,
+            "steps": reports,
+            "wall_seconds": time.perf_counter() - start,
+            "train_images_per_second": (
+                sum(trained) / sum(train_s)
+                if all(v is not None for v in trained + train_s) and sum(train_s) > 0
+                else None
+            ),
+        }
+
+
+def run_replay(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+    """Replay ``args.protocol`` through the server at ``args.url``; the result record."""
+    start = time.perf_counter()
+    data = load_replay_data(args)
+    replay = Replay(args, data, log)
+    log(
+        f"replaying {data.protocol.name} ({len(data.steps)} steps) against "
+        f"{replay.client.url}: {replay.server.workers or '?'} API workers, config from "
+        f"{replay.config_source}"
+    )
+    for t, classes in enumerate(data.steps):
+        replay.step(t, classes)
+    return replay.result(start)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -552,7 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--protocol", required=True, choices=sorted(PRESETS))
     p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:3000")
-    p.add_argument("--method", choices=["bsce", "ce"], default=None, help="per-job override")
+    p.add_argument(
+        "--method",
+        choices=METHOD_NAMES,
+        default=None,
+        help="per-job override (default: none, the worker's own method)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="per-job override")
     p.add_argument(
         "--memory", type=int, default=None, help="expected exemplar budget (checked; 0 = none)"

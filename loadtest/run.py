@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,124 @@ def summarise(records: Path, stats_csv: Path, meta: dict[str, Any]) -> dict[str,
     }
 
 
+@dataclass(frozen=True)
+class LocustRun:
+    """One headless Locust run: ``run_locust``'s arguments, and the command they make."""
+
+    url: str
+    users: int
+    spawn_rate: float
+    duration_s: float
+    out: Path
+    updates: int = 0
+    token: str | None = None
+    batch_size: int = 16
+    single: bool = True
+    batched: bool = True
+    update_images: int = 20
+    update_epochs: int = 1
+    update_interval_s: float = 5.0
+    first_update_after_s: float = 5.0
+    stop_after_updates_s: float | None = None
+    wait_s: float = 0.0
+    stop_timeout_s: float = 30.0
+    ready_timeout_s: float = 180.0
+    extra_args: list[str] | None = None
+
+    @property
+    def records(self) -> Path:
+        return self.out / "requests.jsonl"
+
+    def user_classes(self) -> list[str]:
+        """The locustfile's user classes to run; refuses a run with none, or an updater
+        without a user left to predict."""
+        on = (("SinglePredictUser", self.single), ("BatchPredictUser", self.batched))
+        classes = [c for c, enabled in on if enabled]
+        if self.updates > 0:
+            classes.append("UpdaterUser")
+        if not classes:
+            raise ValueError("no user class selected")
+        if self.updates > 0 and self.users < 2:
+            raise ValueError("with --updates, --users must be at least 2 (one is the updater)")
+        return classes
+
+    def command(self, classes: list[str]) -> list[str]:
+        stop_after = -1 if self.stop_after_updates_s is None else self.stop_after_updates_s
+        return [
+            sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+            "--host", self.url, "-u", str(self.users), "-r", str(self.spawn_rate),
+            "-t", f"{int(round(self.duration_s))}s",
+            "--csv", str(self.out / "locust"), "--only-summary",
+            "--stop-timeout", f"{int(round(self.stop_timeout_s))}s",
+            "--exit-code-on-error", "0", "--loglevel", "WARNING",
+            "--bsce-batch-size", str(self.batch_size), "--bsce-records", str(self.records),
+            "--bsce-updates", str(self.updates), "--bsce-update-images", str(self.update_images),
+            "--bsce-update-epochs", str(self.update_epochs),
+            "--bsce-update-interval", str(self.update_interval_s),
+            "--bsce-first-update-after", str(self.first_update_after_s),
+            "--bsce-wait", str(self.wait_s), "--bsce-stop-after", str(stop_after),
+            "--bsce-tag", uuid.uuid4().hex[:6],
+            *(["--bsce-token", self.token] if self.token else []),
+            *(self.extra_args or []),
+            *classes,
+        ]  # fmt: skip
+
+    def meta(
+        self, started: dt.datetime, workers: int | None, classes: list[str], cmd: list[str]
+    ) -> dict[str, Any]:
+        """The summary's description of the run (``summarise``'s `meta`)."""
+        return {
+            "url": self.url,
+            "date": started.isoformat(timespec="seconds"),
+            "machine": client_machine(),
+            "users": self.users,
+            "spawn_rate": self.spawn_rate,
+            "duration_s": self.duration_s,
+            "workers": workers,
+            "locust_processes": 1,
+            "user_classes": classes,
+            "batch_size": self.batch_size,
+            "wait_s": self.wait_s,
+            "updates_requested": self.updates,
+            "command": cmd,
+            "csv_prefix": str(self.out / "locust"),
+            "records_file": str(self.records),
+        }
+
+
+def server_workers(url: str, token: str | None, ready_timeout_s: float | None = None) -> int | None:
+    """The server's live API worker processes (after waiting until it is ready, if asked)."""
+    from loadtest.client import Client
+
+    with Client(url, token) as client:
+        if ready_timeout_s is not None:
+            client.wait_ready(ready_timeout_s)
+        return client.server_workers()
+
+
+def run_headless(cmd: list[str], log_path: Path, timeout_s: float) -> int:
+    """Run `cmd` in its own process group, output to `log_path`; its exit code. Stopped
+    (SIGTERM, then SIGKILL) after `timeout_s`; killed at once if we are interrupted."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                return proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return proc.wait()
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+
+
 def run_locust(
     url: str,
     users: int,
@@ -214,80 +333,28 @@ def run_locust(
     extra_args: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run Locust headless against `url`; the summary (also written to out/summary.json)."""
+    run = LocustRun(
+        url=url, users=users, spawn_rate=spawn_rate, duration_s=duration_s, out=out,
+        updates=updates, token=token, batch_size=batch_size, single=single, batched=batched,
+        update_images=update_images, update_epochs=update_epochs,
+        update_interval_s=update_interval_s, first_update_after_s=first_update_after_s,
+        stop_after_updates_s=stop_after_updates_s, wait_s=wait_s,
+        stop_timeout_s=stop_timeout_s, ready_timeout_s=ready_timeout_s, extra_args=extra_args,
+    )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    records = out / "requests.jsonl"
-    classes = [c for c, on in (("SinglePredictUser", single), ("BatchPredictUser", batched)) if on]
-    if updates > 0:
-        classes.append("UpdaterUser")
-    if not classes:
-        raise ValueError("no user class selected")
-    if updates > 0 and users < 2:
-        raise ValueError("with --updates, --users must be at least 2 (one is the updater)")
-    cmd = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "--host", url, "-u", str(users), "-r", str(spawn_rate), "-t", f"{int(round(duration_s))}s",
-        "--csv", str(out / "locust"), "--only-summary", "--stop-timeout", f"{int(round(stop_timeout_s))}s",
-        "--exit-code-on-error", "0", "--loglevel", "WARNING",
-        "--bsce-batch-size", str(batch_size), "--bsce-records", str(records),
-        "--bsce-updates", str(updates), "--bsce-update-images", str(update_images),
-        "--bsce-update-epochs", str(update_epochs), "--bsce-update-interval", str(update_interval_s),
-        "--bsce-first-update-after", str(first_update_after_s), "--bsce-wait", str(wait_s),
-        "--bsce-stop-after", str(-1 if stop_after_updates_s is None else stop_after_updates_s),
-        "--bsce-tag", uuid.uuid4().hex[:6],
-        *(["--bsce-token", token] if token else []),
-        *(extra_args or []),
-        *classes,
-    ]  # fmt: skip
-    from loadtest.client import Client
-
-    with Client(url, token) as client:
-        client.wait_ready(ready_timeout_s)
-        workers = client.server_workers()
+    classes = run.user_classes()
+    cmd = run.command(classes)
+    workers = server_workers(url, token, ready_timeout_s)
     started = dt.datetime.now(dt.UTC)
     log_path = out / "locust.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            rc = proc.wait(timeout=duration_s + stop_timeout_s + 120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                rc = proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                rc = proc.wait()
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    with Client(url, token) as client:  # again: a worker still starting was missed before
-        workers = max(workers or 0, client.server_workers() or 0) or None
-    if rc != 0 or not records.is_file():
+    rc = run_headless(cmd, log_path, timeout_s=duration_s + stop_timeout_s + 120)
+    # Counted again: a worker still starting at the beginning was missed there.
+    workers = max(workers or 0, server_workers(url, token) or 0) or None
+    if rc != 0 or not run.records.is_file():
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"locust exited with {rc}; see {log_path}:\n{tail}")
     summary = summarise(
-        records,
-        out / "locust_stats.csv",
-        {
-            "url": url,
-            "date": started.isoformat(timespec="seconds"),
-            "machine": client_machine(),
-            "users": users,
-            "spawn_rate": spawn_rate,
-            "duration_s": duration_s,
-            "workers": workers,
-            "locust_processes": 1,
-            "user_classes": classes,
-            "batch_size": batch_size,
-            "wait_s": wait_s,
-            "updates_requested": updates,
-            "command": cmd,
-            "csv_prefix": str(out / "locust"),
-            "records_file": str(records),
-        },
+        run.records, out / "locust_stats.csv", run.meta(started, workers, classes, cmd)
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

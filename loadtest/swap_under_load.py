@@ -32,6 +32,7 @@ import contextlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,62 +55,97 @@ def _ts(value: Any) -> float | None:
     return None if value in (None, "") else datetime.fromisoformat(str(value)).timestamp()
 
 
-def analyse(records: Path, window_s: float) -> dict[str, Any]:
-    reqs, jobs = read_records(records)
-    predicts = [r for r in reqs if r["name"].startswith(PREDICT)]
-    if not predicts:
-        raise ValueError(f"no predictions recorded in {records}")
-    t = np.array([r["t"] for r in predicts])
-    ms = np.array([r["ms"] for r in predicts])
-    ok = np.array([r["ok"] for r in predicts])
-    ver = np.array([-1 if r["version"] is None else r["version"] for r in predicts])
-    end = t + ms / 1000.0
-    t0, t1 = float(t.min()), float(end.max())
+@dataclass(frozen=True)
+class Predictions:
+    """The recorded predictions as arrays: start, latency, success, answering version."""
 
-    swaps: list[dict[str, Any]] = []
-    training: list[tuple[float, float]] = []
-    for j in sorted(
-        (j for j in jobs if j.get("state") == "done"), key=lambda j: j.get("version") or 0
-    ):
-        v = int(j["version"])
-        started, finished = _ts(j.get("started")), _ts(j.get("finished"))
-        answered_new = ok & (ver >= v)
-        first_seen = float(end[answered_new].min()) if answered_new.any() else None
-        commit = finished if finished is not None else first_seen
-        if started is not None and finished is not None:
-            training.append((started, finished))
-        if commit is None:
-            continue
-        stale = ok & (ver >= 0) & (ver < v) & (t >= commit)
-        last_stale = float(t[stale].max()) if stale.any() else commit
-        swaps.append(
-            {
-                "version": v,
-                "class": j.get("class"),
-                "commit": commit,
-                "first_answer": first_seen,
-                "first_answer_after_commit_s": None if first_seen is None else first_seen - commit,
-                "last_stale_start_after_commit_s": last_stale - commit,
-                "stale_answers_after_commit": int(stale.sum()),
-                "window": [commit, max(commit, last_stale) + window_s],
-                "train_seconds": None
-                if started is None or finished is None
-                else finished - started,
-            }
+    t: np.ndarray
+    ms: np.ndarray
+    ok: np.ndarray
+    ver: np.ndarray  # -1: no version (a failed request)
+
+    @property
+    def end(self) -> np.ndarray:
+        return self.t + self.ms / 1000.0
+
+    @classmethod
+    def of(cls, predicts: list[dict[str, Any]]) -> Predictions:
+        return cls(
+            t=np.array([r["t"] for r in predicts]),
+            ms=np.array([r["ms"] for r in predicts]),
+            ok=np.array([r["ok"] for r in predicts]),
+            ver=np.array([-1 if r["version"] is None else r["version"] for r in predicts]),
         )
 
-    def overlaps(a0: np.ndarray, a1: np.ndarray, spans: list[tuple[float, float]]) -> np.ndarray:
-        m = np.zeros(a0.shape, dtype=bool)
-        for a, b in spans:
-            m |= (a0 <= b) & (a1 >= a)
-        return m
 
-    windows = [tuple(s["window"]) for s in swaps]
-    in_swap = overlaps(t, end, windows)
-    in_train = overlaps(t, end, training) & ~in_swap
+def swap_window(job: dict[str, Any], p: Predictions, window_s: float) -> dict[str, Any] | None:
+    """The swap of a landed job's version (module docstring); None when neither the job
+    nor any answer says when it was committed."""
+    v = int(job["version"])
+    started, finished = _ts(job.get("started")), _ts(job.get("finished"))
+    end = p.end
+    answered_new = p.ok & (p.ver >= v)
+    first_seen = float(end[answered_new].min()) if answered_new.any() else None
+    commit = finished if finished is not None else first_seen
+    if commit is None:
+        return None
+    stale = p.ok & (p.ver >= 0) & (p.ver < v) & (p.t >= commit)
+    last_stale = float(p.t[stale].max()) if stale.any() else commit
+    return {
+        "version": v,
+        "class": job.get("class"),
+        "commit": commit,
+        "first_answer": first_seen,
+        "first_answer_after_commit_s": None if first_seen is None else first_seen - commit,
+        "last_stale_start_after_commit_s": last_stale - commit,
+        "stale_answers_after_commit": int(stale.sum()),
+        "window": [commit, max(commit, last_stale) + window_s],
+        "train_seconds": None if started is None or finished is None else finished - started,
+    }
+
+
+def swaps_and_training(
+    jobs: list[dict[str, Any]], p: Predictions, window_s: float
+) -> tuple[list[dict[str, Any]], list[tuple[float, float]]]:
+    """The swap of every landed version (in version order) and the learner's training
+    intervals ([started, finished] of each landed job)."""
+    swaps: list[dict[str, Any]] = []
+    training: list[tuple[float, float]] = []
+    landed = sorted(
+        (j for j in jobs if j.get("state") == "done"), key=lambda j: j.get("version") or 0
+    )
+    for j in landed:
+        started, finished = _ts(j.get("started")), _ts(j.get("finished"))
+        if started is not None and finished is not None:
+            training.append((started, finished))
+        swap = swap_window(j, p, window_s)
+        if swap is not None:
+            swaps.append(swap)
+    return swaps, training
+
+
+def _overlaps(a0: np.ndarray, a1: np.ndarray, spans: list[tuple[float, float]]) -> np.ndarray:
+    m = np.zeros(a0.shape, dtype=bool)
+    for a, b in spans:
+        m |= (a0 <= b) & (a1 >= a)
+    return m
+
+
+def latency_by_category(
+    p: Predictions,
+    windows: list[tuple[float, float]],
+    training: list[tuple[float, float]],
+) -> dict[str, dict[str, Any]]:
+    """Requests, failures, seconds, rate and latency percentiles of the predictions during
+    swaps, outside them, and (outside) while the learner trained or not."""
+    end = p.end
+    t0, t1 = float(p.t.min()), float(end.max())
+    in_swap = _overlaps(p.t, end, windows)
+    in_train = _overlaps(p.t, end, training) & ~in_swap
+    # The seconds of each category, on a 10 ms grid.
     grid = np.arange(t0, t1, 0.01)
-    g_swap = overlaps(grid, grid, windows)
-    g_train = overlaps(grid, grid, training) & ~g_swap
+    g_swap = _overlaps(grid, grid, windows)
+    g_train = _overlaps(grid, grid, training) & ~g_swap
     categories = {
         "during_swaps": (in_swap, float(g_swap.sum()) * 0.01),
         "outside_swaps": (~in_swap, float((~g_swap).sum()) * 0.01),
@@ -120,19 +156,31 @@ def analyse(records: Path, window_s: float) -> dict[str, Any]:
     for name, (mask, seconds) in categories.items():
         stats[name] = {
             "requests": int(mask.sum()),
-            "failures": int((mask & ~ok).sum()),
+            "failures": int((mask & ~p.ok).sum()),
             "seconds": seconds,
             "rps": float(mask.sum() / seconds) if seconds > 0 else None,
-            **percentiles(ms[mask & ok]),
+            **percentiles(p.ms[mask & p.ok]),
         }
+    return stats
+
+
+def analyse(records: Path, window_s: float) -> dict[str, Any]:
+    reqs, jobs = read_records(records)
+    predicts = [r for r in reqs if r["name"].startswith(PREDICT)]
+    if not predicts:
+        raise ValueError(f"no predictions recorded in {records}")
+    p = Predictions.of(predicts)
+    t0 = float(p.t.min())
+    swaps, training = swaps_and_training(jobs, p, window_s)
+    windows = [tuple(s["window"]) for s in swaps]
     return {
         "window_s": window_s,
         "t0": t0,
         "swaps": swaps,
         "training_intervals": training,
-        "latency": stats,
-        "series": {"t": (t - t0).tolist(), "ms": ms.tolist(), "version": ver.tolist()},
-        "ok": ok.tolist(),
+        "latency": latency_by_category(p, windows, training),
+        "series": {"t": (p.t - t0).tolist(), "ms": p.ms.tolist(), "version": p.ver.tolist()},
+        "ok": p.ok.tolist(),
     }
 
 
@@ -159,17 +207,9 @@ def swap_metrics(url: str, token: str | None) -> dict[str, float]:
     return out
 
 
-def plot(analysis: dict[str, Any], summary: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _mark_training_and_swaps(ax: Any, analysis: dict[str, Any]) -> None:
+    """Training intervals shaded grey, swap windows orange, commits as red dashed lines."""
     t0 = analysis["t0"]
-    s = analysis["series"]
-    t, ms, ver = np.array(s["t"]), np.array(s["ms"]), np.array(s["version"])
-    ok = np.array(analysis["ok"])
-    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=120)
     for i, (a, b) in enumerate(analysis["training_intervals"]):
         ax.axvspan(
             a - t0, b - t0, color="0.88", zorder=0, label="learner training" if i == 0 else None
@@ -192,7 +232,13 @@ def plot(analysis: dict[str, Any], summary: dict[str, Any], out: Path) -> None:
             zorder=2,
             label="new version committed" if i == 0 else None,
         )
-    cmap = plt.get_cmap("viridis")
+
+
+def _scatter_latencies(ax: Any, analysis: dict[str, Any], cmap: Any) -> None:
+    """One colour per answering version; failed requests as red crosses."""
+    s = analysis["series"]
+    t, ms, ver = np.array(s["t"]), np.array(s["ms"]), np.array(s["version"])
+    ok = np.array(analysis["ok"])
     versions = sorted(set(ver[ver >= 0].tolist()))
     for k, v in enumerate(versions):
         m = (ver == v) & ok
@@ -201,21 +247,35 @@ def plot(analysis: dict[str, Any], summary: dict[str, Any], out: Path) -> None:
         )
     if (~ok).any():
         ax.scatter(t[~ok], ms[~ok], s=16, marker="x", color="red", zorder=4, label="failed")
-    ax.set_yscale("log")
-    ax.set_xlabel("seconds since the first prediction")
-    ax.set_ylabel("prediction latency (ms)")
+
+
+def _title(analysis: dict[str, Any], summary: dict[str, Any]) -> str:
     lat = analysis["latency"]
 
     def p(name: str, q: str) -> str:
         v = lat[name][q]
         return "-" if v is None else f"{v:.0f}"
 
-    ax.set_title(
+    return (
         f"{summary['users']} users, {summary['workers'] or '?'} API workers, "
         f"{len(analysis['swaps'])} swaps; p95 {p('during_swaps', 'p95_ms')} ms during swaps, "
-        f"{p('outside_swaps', 'p95_ms')} ms outside; {summary['failures']} failed",
-        fontsize=9,
+        f"{p('outside_swaps', 'p95_ms')} ms outside; {summary['failures']} failed"
     )
+
+
+def plot(analysis: dict[str, Any], summary: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=120)
+    _mark_training_and_swaps(ax, analysis)
+    _scatter_latencies(ax, analysis, plt.get_cmap("viridis"))
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds since the first prediction")
+    ax.set_ylabel("prediction latency (ms)")
+    ax.set_title(_title(analysis, summary), fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=4, loc="upper left", markerscale=2)
     fig.tight_layout()
@@ -224,7 +284,7 @@ def plot(analysis: dict[str, Any], summary: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loadtest.swap_under_load",
         description=__doc__,
@@ -237,11 +297,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-duration", type=float, default=600.0, help="upper bound of the run (s)")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.set_defaults(first_update_after=10.0)
+    return p
+
+
+def swap_counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The server's swap counters over the run, and the mean load time of a swap."""
+    deltas: dict[str, Any] = {
+        k: None if before.get(k) is None or after.get(k) is None else after[k] - before[k]
+        for k in after
+    }
+    if deltas.get("bsce_swap_duration_seconds_count"):
+        deltas["mean_load_seconds"] = (
+            deltas["bsce_swap_duration_seconds_sum"] / deltas["bsce_swap_duration_seconds_count"]
+        )
+    return deltas
+
+
+def print_latency(latency: dict[str, dict[str, Any]]) -> None:
+    for name, st in latency.items():
+        print(
+            f"  {name:>13}: {st['requests']:>6} predictions, {st['failures']} failed, "
+            + ", ".join(
+                f"{q} {'-' if st[q + '_ms'] is None else format(st[q + '_ms'], '.0f')} ms"
+                for q in ("p50", "p95", "p99")
+            )
+            + f", {st['seconds']:.0f} s"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.updates < 1:
         p.error("--updates must be at least 1")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = args.out / f"swap_under_load_{stamp}"
+    base = args.out / f"swap_under_load_{time.strftime('%Y%m%d-%H%M%S')}"
     with Client(args.url, args.token) as client:
         client.wait_ready(180)
     before = swap_metrics(args.url, args.token)
@@ -256,15 +345,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     after = swap_metrics(args.url, args.token)
     analysis = analyse(Path(summary["records_file"]), args.window_s)
-    server_swaps = {
-        k: None if before.get(k) is None or after.get(k) is None else after[k] - before[k]
-        for k in after
-    }
-    if server_swaps.get("bsce_swap_duration_seconds_count"):
-        server_swaps["mean_load_seconds"] = (
-            server_swaps["bsce_swap_duration_seconds_sum"]
-            / server_swaps["bsce_swap_duration_seconds_count"]
-        )
     png = base.with_suffix(".png")
     plot(analysis, summary, png)
     result = {
@@ -276,21 +356,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "swap_windows": analysis["swaps"],
         "training_intervals": analysis["training_intervals"],
         "latency": analysis["latency"],
-        "server_swaps": server_swaps,
+        "server_swaps": swap_counter_deltas(before, after),
         "plot": str(png),
     }
     path = base.with_suffix(".json")
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(format_summary(summary))
-    for name, st in analysis["latency"].items():
-        print(
-            f"  {name:>13}: {st['requests']:>6} predictions, {st['failures']} failed, "
-            + ", ".join(
-                f"{q} {'-' if st[q + '_ms'] is None else format(st[q + '_ms'], '.0f')} ms"
-                for q in ("p50", "p95", "p99")
-            )
-            + f", {st['seconds']:.0f} s"
-        )
+    print_latency(analysis["latency"])
     print(f"wrote {path} and {png}")
     if summary["updater"]["landed"] < args.updates:
         print(

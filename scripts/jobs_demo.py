@@ -50,7 +50,15 @@ def main() -> None:
     # Without REDIS_URL the worker joins this process's embedded Redis (same data dir).
     env = {**os.environ}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "learner.worker", "--epochs", str(args.epochs)],
+        [
+            sys.executable,
+            "-m",
+            "learner.worker",
+            "--base-model",
+            "none",
+            "--epochs",
+            str(args.epochs),
+        ],
         cwd=REPO,
         env=env,
     )

@@ -29,7 +29,7 @@ PORT=${PORT:-$(free_port)}
 export BSCE_MAX_BODY_BYTES=${BSCE_MAX_BODY_BYTES:-67108864}
 export BSCE_MAX_LEARN_IMAGES=${BSCE_MAX_LEARN_IMAGES:-10000}
 
-stack_start replay "$PORT" --backbone "$BACKBONE" --memory "$MEMORY" --epochs "$EPOCHS" \
+stack_start replay "$PORT" --base-model none --backbone "$BACKBONE" --memory "$MEMORY" --epochs "$EPOCHS" \
     --method "$METHOD" --seed "$SEED" --threads "$THREADS"
 
 # Several offline files: OFFLINE="a.json b.json" (the first is `comparison`).

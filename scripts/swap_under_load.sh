@@ -22,7 +22,7 @@ EPOCHS=${EPOCHS:-1}
 OUT=${OUT:-results}
 PORT=${PORT:-$(free_port)}
 
-stack_start swap "$PORT" --backbone "$BACKBONE" --memory "$MEMORY" --epochs "$EPOCHS"
+stack_start swap "$PORT" --base-model none --backbone "$BACKBONE" --memory "$MEMORY" --epochs "$EPOCHS"
 
 $PY -m loadtest.swap_under_load --url "http://127.0.0.1:$PORT" --token "$TOKEN" \
     --users "$USERS" --spawn-rate "$SPAWN_RATE" --updates "$UPDATES" --out "$OUT" "$@"

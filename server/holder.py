@@ -22,12 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import redis
 import torch
 
 from learner.core.evaluate import infer
 from learner.core.versioning import LoadedVersion, load_version
-from storage import StorageError, VersionStore, next_announcement
+from storage import StorageError, Subscription, VersionStore, next_announcement
 
 from .metrics import Metrics
 
@@ -232,7 +231,7 @@ class VersionWatcher:
                 # Returns early on an announcement; the loop then reads the pointer itself,
                 # which is authoritative (announcements are hints and may arrive out of order).
                 next_announcement(pubsub, self.poll_interval_s)
-            except (redis.RedisError, StorageError, OSError) as e:
+            except (StorageError, OSError) as e:  # a Redis failure is a StorageError too
                 errors += 1
                 self.store_error = f"{type(e).__name__}: {e}"
                 if errors == 1 or errors % 20 == 0:
@@ -249,7 +248,7 @@ class VersionWatcher:
             _close_quietly(pubsub)
 
 
-def _close_quietly(pubsub: redis.client.PubSub) -> None:
+def _close_quietly(pubsub: Subscription) -> None:
     try:
         pubsub.close()
     except Exception:  # closing a broken connection may raise; nothing to do about it

@@ -116,8 +116,9 @@ class StoreCollector(Collector):
         up = GaugeMetricFamily("bsce_store_up", "1 when the store answered this scrape")
         try:
             jobs = s.jobs.counts_by_state()
-            memory = s.exemplars.info()
             pointer = s.versions.pointer()
+            # The memory of the current version (its generation).
+            memory = None if pointer.current is None else s.versions.memory_info(pointer.current)
             num_labels = len(s.labels)
             trained = [
                 v
@@ -138,13 +139,13 @@ class StoreCollector(Collector):
         yield g
         yield GaugeMetricFamily(
             "bsce_exemplar_memory_bytes",
-            "Bytes of exemplar images in the replay memory",
-            value=memory.total_bytes,
+            "Bytes of exemplar images in the current version's replay memory",
+            value=0 if memory is None else memory.total_bytes,
         )
         yield GaugeMetricFamily(
             "bsce_exemplars",
-            "Exemplar images in the replay memory",
-            value=sum(memory.counts.values()),
+            "Exemplar images in the current version's replay memory",
+            value=0 if memory is None else sum(memory.counts.values()),
         )
         yield GaugeMetricFamily(
             "bsce_current_version",

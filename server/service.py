@@ -11,7 +11,6 @@ queued for the learner worker (``python -m learner.worker``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -23,7 +22,6 @@ from typing import Any
 import anyio.to_thread
 import bentoml
 import numpy as np
-import redis
 import torch
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -38,13 +36,14 @@ from storage import (
     JobTooLargeError,
     NoPreviousVersionError,
     PinnedError,
+    Storage,
     StorageError,
     UnknownJobError,
     UnknownVersionError,
+    VersionStore,
     open_storage,
     validate_name,
 )
-from storage import close as close_storage
 
 from .batching import Overloaded, SingleImageBatcher
 from .holder import ModelHolder, Score, ServedVersion, VersionWatcher, load_served
@@ -106,7 +105,7 @@ async def _get(fn: Callable[[Any], BaseModel]) -> Response:
         result = await anyio.to_thread.run_sync(fn, svc)
     except ApiError as e:
         return JSONResponse({"error": str(e)}, status_code=e.status)
-    except (redis.RedisError, StorageError) as e:
+    except StorageError as e:  # Redis down or refusing: storage.boundary translated it
         log.warning("store error: %s", e)
         return JSONResponse({"error": f"the store is unavailable: {e}"}, status_code=503)
     return _json(result)
@@ -210,7 +209,7 @@ class BsceServe:
         torch.set_num_threads(self.settings.threads())
         self.device = resolve_device(self.settings.device)
         self.metrics = Metrics()
-        self.storage = open_storage()
+        self.storage: Storage = open_storage()
         versions = self.storage.versions
         self.holder = ModelHolder(lambda v: load_served(versions, v, self.device), self.metrics)
         self.watcher = VersionWatcher(versions, self.holder, self.settings.poll_interval_s)
@@ -233,7 +232,7 @@ class BsceServe:
         self.watcher.stop()
         self.batcher.shutdown()
         # With the embedded Redis, the last process to close its client stops the server.
-        close_storage(self.storage.r)
+        self.storage.close()
 
     # -- BentoML hooks ---------------------------------------------------------------------
 
@@ -408,29 +407,22 @@ class BsceServe:
         classes: list[str],
         overrides: dict[str, Any] | None,
     ) -> JobAccepted:
-        jobs, label_map = self.storage.jobs, self.storage.labels
-        size = samples.nbytes + len(json.dumps(names)) + len(json.dumps(overrides or {}))
-        if size > jobs.max_job_bytes:
-            # Checked before the label map is touched, so a refused job leaves no trace.
-            raise ApiError(
-                413, f"the decoded job is {size} bytes; the store's limit is {jobs.max_job_bytes}"
-            )
+        # One transaction registers the new class names and queues the job: a refused or
+        # failed submission leaves neither.
         try:
-            new = [n for n in classes if label_map.get(n) is None]
-            label_map.get_or_add(classes)
-            job_id = jobs.submit(samples, names, overrides)
+            job = self.storage.jobs.submit_job(samples, names, overrides, classes)
         except JobTooLargeError as e:
             raise ApiError(413, str(e)) from None
         except InvalidInputError as e:
             raise ApiError(400, str(e)) from None
-        except (redis.RedisError, StorageError) as e:
+        except StorageError as e:
             raise ApiError(503, f"the store is unavailable: {e}") from None
         return JobAccepted(
-            job_id=job_id,
-            status_url=f"/jobs/{job_id}",
+            job_id=job.job_id,
+            status_url=f"/jobs/{job.job_id}",
             num_samples=int(samples.shape[0]),
-            classes=classes,
-            new_classes=new,
+            classes=job.classes,
+            new_classes=job.new_classes,
         )
 
     # -- versions --------------------------------------------------------------------------
@@ -450,22 +442,22 @@ class BsceServe:
         """Lift the pin and serve the newest version."""
         return await self._move("versions/unpin", lambda v: v.unpin(reason="api unpin"))
 
-    async def _move(self, endpoint: str, change: Callable[[Any], object]) -> Any:
+    async def _move(self, endpoint: str, change: Callable[[VersionStore], object]) -> Any:
         versions = self.storage.versions
 
         def run() -> PointerChange:
-            before = versions.current()
             try:
+                before = versions.current()
                 change(versions)
+                state = versions.pointer()
             except PinnedError as e:
                 raise ApiError(409, str(e)) from None
             except NoPreviousVersionError as e:
                 raise ApiError(409, str(e)) from None
             except UnknownVersionError as e:
                 raise ApiError(404, str(e)) from None
-            except (redis.RedisError, StorageError) as e:
+            except StorageError as e:  # Redis down or refusing
                 raise ApiError(503, f"the store is unavailable: {e}") from None
-            state = versions.pointer()
             return PointerChange(current=state.current, pinned=state.pinned, previous=before)
 
         try:
@@ -516,7 +508,9 @@ class BsceServe:
         current = s.versions.current()
         info = None if current is None else s.versions.info(current)
         names = s.labels.names()
-        memory = s.exemplars.counts()
+        # The memory of the version served (its generation), not some other one.
+        memory_info = None if current is None else s.versions.memory_info(current)
+        memory = {} if memory_info is None else memory_info.counts
         classes: list[ClassInfo] = []
         if info is not None:
             counts = info.counts

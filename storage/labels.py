@@ -1,16 +1,20 @@
 """The append-only label map: class name -> index, indices 0, 1, 2, ... in order of arrival.
 
-Assignment runs as one Lua script, so concurrent callers (API workers, the learner) never
-give two indices to one name or one index to two names. A name posted again keeps its
-index: the class is then trained as an old class with new data.
+Names are registered when a job is queued, in the same transaction (`JobQueue.submit`,
+through `plan_add` and `stage_add` under WATCH); `get_or_add` does the same alone, as one
+Lua script. Either way concurrent callers (API workers) never give two indices to one name
+or one index to two names. A name posted again keeps its index: the class is then trained
+as an old class with new data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import redis
 
+from .boundary import guarded
 from .connection import default_prefix
 from .errors import LabelValidationError, UnknownLabelError
 from .keys import Keys
@@ -48,6 +52,16 @@ def validate_name(name: object) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class LabelPlan:
+    """The indices a set of names gets, read under WATCH: known names keep theirs, new ones
+    (`new`, in the order given) get the next free indices."""
+
+    indices: dict[str, int]
+    new: list[str]
+
+
+@guarded
 class LabelMap:
     def __init__(self, r: redis.Redis, prefix: str | None = None) -> None:
         self.r = r
@@ -63,6 +77,31 @@ class LabelMap:
             return []
         out = self._script(keys=[self.keys.labels_index, self.keys.labels_names], args=checked)
         return [int(i) for i in out]
+
+    def watch_keys(self) -> list[str]:
+        """The keys a caller of `plan_add` must WATCH."""
+        return [self.keys.labels_index, self.keys.labels_names]
+
+    def plan_add(self, pipe: redis.client.Pipeline, names: Sequence[str]) -> LabelPlan:
+        """Under WATCH (immediate mode): the index of each name, new names numbered after
+        the last one. Names must be validated and distinct; `stage_add` writes the plan."""
+        known = pipe.hmget(self.keys.labels_index, list(names)) if names else []
+        size = int(pipe.llen(self.keys.labels_names))
+        indices: dict[str, int] = {}
+        new: list[str] = []
+        for name, idx in zip(names, known, strict=True):
+            if idx is None:
+                indices[name] = size + len(new)
+                new.append(name)
+            else:
+                indices[name] = int(idx)
+        return LabelPlan(indices, new)
+
+    def stage_add(self, pipe: redis.client.Pipeline, plan: LabelPlan) -> None:
+        """Queue the registration of the plan's new names (inside MULTI)."""
+        if plan.new:
+            pipe.rpush(self.keys.labels_names, *plan.new)
+            pipe.hset(self.keys.labels_index, mapping={n: plan.indices[n] for n in plan.new})
 
     def names(self) -> list[str]:
         """All class names in index order."""

@@ -12,8 +12,9 @@ import redis
 import torch
 from pydantic import BaseModel
 
-from .connection import connect, default_prefix
-from .errors import JobStateError, UnknownJobError
+from .boundary import boundary, guarded
+from .connection import close, connect, default_prefix
+from .errors import ExemplarValidationError
 from .exemplars import ExemplarStore
 from .jobs import DEFAULT_MAX_JOB_BYTES, JobQueue
 from .labels import LabelMap
@@ -24,10 +25,16 @@ class StepResult(BaseModel):
     version: int
     tag: str
     served: bool  # False when the pointer was pinned and stayed where it was
+    collected: list[int] = []  # memory generations removed by this commit
 
 
+@guarded
 class Storage:
-    """The four stores sharing one client and prefix."""
+    """The four stores sharing one client and prefix.
+
+    `r` is the raw Redis client, for this package and its tests; everything else goes
+    through the stores, whose errors are `storage.errors` types.
+    """
 
     def __init__(
         self,
@@ -41,8 +48,20 @@ class Storage:
         self.prefix = prefix or default_prefix()
         self.exemplars = ExemplarStore(r, self.prefix)
         self.labels = LabelMap(r, self.prefix)
-        self.jobs = JobQueue(r, self.prefix, max_job_bytes=max_job_bytes, sample_shape=sample_shape)
-        self.versions = VersionStore(r, self.prefix, bentoml_home=bentoml_home)
+        self.jobs = JobQueue(
+            r,
+            self.prefix,
+            max_job_bytes=max_job_bytes,
+            sample_shape=sample_shape,
+            labels=self.labels,
+        )
+        self.versions = VersionStore(
+            r, self.prefix, bentoml_home=bentoml_home, exemplars=self.exemplars
+        )
+
+    def close(self) -> None:
+        """Close the client (with the embedded Redis, the last one closed stops it)."""
+        close(self.r)
 
     def commit_step(
         self,
@@ -50,55 +69,60 @@ class Storage:
         version: int,
         tensors: Mapping[str, torch.Tensor],
         metadata: Mapping[str, Any],
-        memory: Mapping[int, np.ndarray] | None,
+        memory: Mapping[int, np.ndarray],
         reason: str = "",
     ) -> StepResult:
         """End a learning step: everything a finished job changes, or nothing.
 
         Writes the version's files first (unregistered), then one MULTI/EXEC registers the
-        version, replaces the exemplar memory (unless `memory` is None), moves the pointer
-        and announces it (unless pinned), and acknowledges the job as done. A worker killed
-        anywhere before EXEC leaves the job to be claimed again, the old memory whole and
-        no registered version, so the retried job saves the same version number once.
+        version with `memory` as its memory generation (number `version`), moves the
+        pointer and announces it (unless pinned), removes the memory generations no version
+        needs any more (storage/versions.py) and acknowledges the job as done. A worker
+        killed anywhere before EXEC leaves the job to be claimed again and no registered
+        version or generation, so the retried job saves the same version number once.
         A stale worker whose job was taken over and finished gets `JobStateError` here.
         """
-        prepared = None if memory is None else self.exemplars.prepare(memory, version)
-        pending = self.versions.write(version, tensors, {**dict(metadata), "job_id": job_id})
-        job_key = self.jobs.keys.job(job_id)
+        if memory is None:
+            raise ExemplarValidationError("a step commits its memory (an empty mapping for none)")
+        pending = self.versions.write(
+            version, tensors, {**dict(metadata), "job_id": job_id}, memory
+        )
         v = pending.info.version
 
-        def txn(pipe: redis.client.Pipeline) -> bool:
-            self.versions._check_register(pipe, pending)
-            state, stream_id = pipe.hmget(job_key, ["state", "stream_id"])
-            if state is None:
-                raise UnknownJobError(f"no job with id {job_id!r}")
-            if state in (b"done", b"failed"):
-                raise JobStateError(f"job {job_id} is already {state.decode()}")
-            cur, pin = self.versions._read_pointer(pipe)
+        def txn(pipe: redis.client.Pipeline) -> tuple[bool, list[int]]:
+            self.versions.check_register(pipe, pending)
+            stream_id = self.jobs.check_completable(pipe, job_id)
+            before = self.versions.read_pointer(pipe)
+            served = before.pinned is None
+            after = before.after_set(v) if served else before
+            drop = self.versions.unneeded_generations(pipe, after, new=pending.info)
             pipe.multi()
-            self.versions._stage_register(pipe, pending)
-            if prepared is not None:
-                self.exemplars.stage(pipe, prepared)
-            if pin is None:
-                self.versions._stage_move(pipe, "set", v, cur, None, reason or f"job {job_id}")
-            self.jobs._stage_complete(pipe, job_id, stream_id, v)
-            return pin is None
+            self.versions.stage_register(pipe, pending)
+            if served:
+                self.versions.stage_move(
+                    pipe, "set", v, before.current, None, reason or f"job {job_id}"
+                )
+            self.versions.stage_collect(pipe, drop)
+            self.jobs.stage_complete(pipe, job_id, stream_id, v)
+            return served, drop
 
-        watches = [
-            *self.versions._register_watches(pending),
-            *self.versions._pointer_watches(),
-            job_key,
-        ]
+        watches = {
+            *self.versions.register_watches(pending),
+            *self.versions.pointer_watches(),
+            *self.versions.memory_watches(),
+            *self.jobs.watch_keys(job_id),
+        }
         try:
-            served = self.r.transaction(txn, *watches, value_from_callable=True)
+            served, drop = self.r.transaction(txn, *watches, value_from_callable=True)
         except BaseException:
             self.versions.discard(pending)
             raise
         finally:
             self.versions.release_lock(pending)
-        return StepResult(version=v, tag=pending.info.tag, served=served)
+        return StepResult(version=v, tag=pending.info.tag, served=served, collected=drop)
 
 
+@boundary
 def open_storage(
     redis_url: str | None = None,
     data_dir: Path | None = None,

@@ -22,6 +22,18 @@ Pin. `pin(v)` serves v and freezes the pointer: the learner keeps saving new ver
 (`PinnedError`) because it would contradict the pin. `pin` again moves the pin; `unpin`
 lifts it and, by default, moves the pointer to the newest version, which is where it would
 be had there been no pin.
+
+Memory generations. The exemplar memory lives in Redis only (storage/exemplars.py), as
+generations: a version saved with a memory (every learner commit, and version 0) names
+generation = its own number (``memory_generation`` in its metadata and `VersionInfo`), and
+a step built on version v trains on v's generation (`memory`). Each commit collects the
+generations that no version still needs, in the same transaction. Needed are those of the
+current version, the pinned one, the newest one (what the learner builds on, pinned or
+not) and every version in the pointer history (what `rollback` can return to; at most
+`HISTORY_MAX` entries). Any other version still serves (its weights are in its files), but
+`memory` refuses it with `MemoryGenerationError`: a step is never built on some other
+memory. Pointer moves collect nothing, so a version pinned or set current again before the
+next commit keeps its generation.
 """
 
 from __future__ import annotations
@@ -34,7 +46,8 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -46,8 +59,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 
+from .boundary import guarded
 from .connection import default_prefix
 from .errors import (
+    MemoryGenerationError,
     MetadataError,
     NoPreviousVersionError,
     PinnedError,
@@ -56,6 +71,7 @@ from .errors import (
     VersionExistsError,
     VersionLockedError,
 )
+from .exemplars import ExemplarStore, MemoryInfo, PreparedMemory
 from .keys import Keys
 
 # Saving a model must not phone home: with no network each save would wait on BentoML's
@@ -100,12 +116,20 @@ class VersionInfo(BaseModel):
     job_id: str | None = None
     sha256: str
     size_bytes: int
+    memory_generation: int | None = None  # its exemplar memory; None: saved without one
 
 
 class PointerState(BaseModel):
     current: int | None
     pinned: int | None
     history: list[int]  # earlier values of current, newest first
+
+    def after_set(self, version: int) -> PointerState:
+        """The state after a "set" move to `version` (what `stage_move` queues)."""
+        history = list(self.history)
+        if self.current is not None and self.current != version:
+            history = [self.current, *history][:HISTORY_MAX]
+        return PointerState(current=version, pinned=self.pinned, history=history)
 
 
 class Announcement(BaseModel):
@@ -135,13 +159,47 @@ class _KnownMetadata(BaseModel):
     step: int | None = None
     metrics: dict[str, Any] = {}
     job_id: str | None = None
+    memory_generation: int | None = None
 
 
-class PendingVersion(BaseModel):
-    """A version whose files are written but which is not registered yet."""
+@dataclass(frozen=True)
+class PendingVersion:
+    """A version whose files are written but which is not registered yet, and the memory
+    generation to write with it."""
 
     info: VersionInfo
     lock_token: str
+    memory: PreparedMemory | None = None
+
+
+Version0 = (
+    tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]
+    | tuple[Mapping[str, torch.Tensor], Mapping[str, Any], Mapping[int, np.ndarray]]
+)
+"""What `ensure_initial`'s factory returns: tensors, metadata and optionally the memory
+(class index -> uint8 (n, C, H, W); empty when left out)."""
+
+
+@guarded
+class Subscription:
+    """Announcements of pointer changes, from `VersionStore.subscribe`."""
+
+    def __init__(self, pubsub: redis.client.PubSub) -> None:
+        self._pubsub = pubsub
+
+    def next(self, timeout_s: float) -> Announcement | None:
+        """The next announcement within `timeout_s`, else None."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            msg = self._pubsub.get_message(timeout=left)
+            if msg is not None and msg["type"] == "message":
+                return Announcement.from_message(msg)
+
+    def close(self) -> None:
+        self._pubsub.close()
 
 
 def tag_for(version: int, model_name: str = MODEL_NAME) -> str:
@@ -178,6 +236,60 @@ def _check_version(version: object) -> int:
     return version
 
 
+def _check_tensors(tensors: object) -> None:
+    if not isinstance(tensors, Mapping) or not tensors:
+        raise MetadataError("tensors must be a non-empty mapping name -> torch.Tensor")
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise MetadataError(
+                f"tensors must map str to torch.Tensor; got {name!r}: {type(t).__name__}"
+            )
+
+
+def _checked_metadata(
+    version: int, metadata: object, memory_generation: int | None, created: datetime
+) -> tuple[dict[str, Any], _KnownMetadata]:
+    """The metadata as saved (through JSON once: what is saved is exactly what `load`
+    gives back) and its standard fields, type-checked."""
+    if not isinstance(metadata, Mapping):
+        raise MetadataError(f"metadata must be a dict, got {type(metadata).__name__}")
+    # The store owns these keys: a memory_generation copied from another version's metadata
+    # must never name a memory this version was not saved with.
+    own = {"version": version, "created": created.isoformat()}
+    if memory_generation is not None:
+        own["memory_generation"] = memory_generation
+    given = {k: v for k, v in metadata.items() if k != "memory_generation"}
+    try:
+        full = json.loads(json.dumps({**given, **own}, default=_jsonable))
+    except (TypeError, ValueError) as e:
+        raise MetadataError(f"metadata must be JSON-serialisable: {e}") from None
+    try:
+        known = _KnownMetadata.model_validate(full)
+    except ValidationError as e:
+        raise MetadataError(f"bad version metadata: {e}") from None
+    return full, known
+
+
+def _bento_metadata(version: int, known: _KnownMetadata, created: datetime) -> dict[str, Any]:
+    """The standard fields, for ``bentoml models get``."""
+    return _for_bentoml(
+        {
+            "version": version,
+            "parent_version": known.parent_version,
+            "step": known.step,
+            "class_names": known.class_names,
+            "counts": known.counts,
+            "metrics": {
+                k: v for k, v in known.metrics.items() if isinstance(v, int | float | str | bool)
+            },
+            "created": created.isoformat(),
+            "job_id": known.job_id,
+            "memory_generation": known.memory_generation,
+        }
+    )
+
+
+@guarded
 class VersionStore:
     def __init__(
         self,
@@ -185,9 +297,11 @@ class VersionStore:
         prefix: str | None = None,
         bentoml_home: Path | str | None = None,
         model_name: str = MODEL_NAME,
+        exemplars: ExemplarStore | None = None,
     ) -> None:
         self.r = r
         self.keys = Keys(prefix or default_prefix())
+        self.exemplars = exemplars if exemplars is not None else ExemplarStore(r, self.keys.prefix)
         home = bentoml_home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml"
         self.bentoml_home = Path(home)
         self.model_name = model_name
@@ -231,23 +345,33 @@ class VersionStore:
         v = self.r.hget(self.keys.versions_by_job, job_id)
         return None if v is None else int(v)
 
-    # -- saving and loading --------------------------------------------------------------
+    # -- saving --------------------------------------------------------------------------
 
     def save(
-        self, version: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
+        self,
+        version: int,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, Any],
+        memory: Mapping[int, np.ndarray] | None = None,
     ) -> str:
         """Write and register version `version`; its tag.
 
         `metadata`: class_names, counts, parent_version, step, metrics, job_id (all
-        optional), plus any other JSON-able keys (learner state). Raises
-        `VersionExistsError` for a saved number, `MetadataError` for bad input (nothing
-        written), `VersionLockedError` while another process saves the same number.
+        optional), plus any other JSON-able keys (learner state). With `memory` (class
+        index -> uint8 (n, C, H, W)), it is written as the version's memory generation in
+        the registering transaction. Raises `VersionExistsError` for a saved number,
+        `MetadataError` / `ExemplarValidationError` for bad input (nothing written),
+        `VersionLockedError` while another process saves the same number.
         """
-        pending = self.write(version, tensors, metadata)
+        pending = self.write(version, tensors, metadata, memory)
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            self.check_register(pipe, pending)
+            pipe.multi()
+            self.stage_register(pipe, pending)
+
         try:
-            self.r.transaction(
-                lambda pipe: self._register_txn(pipe, pending), *self._register_watches(pending)
-            )
+            self.r.transaction(txn, *self.register_watches(pending))
         except BaseException:
             self.discard(pending)
             raise
@@ -256,95 +380,39 @@ class VersionStore:
         return pending.info.tag
 
     def write(
-        self, version: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
+        self,
+        version: int,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, Any],
+        memory: Mapping[int, np.ndarray] | None = None,
     ) -> PendingVersion:
         """Write the files of `version` under a save lock, without registering it.
 
         For callers that register it in a bigger transaction (`Storage.commit_step`). The
         save lock expires after 10 minutes if never released; a later attempt of the same
-        job (metadata ``job_id``) takes it over at once.
+        job (metadata ``job_id``) takes it over at once. `memory`, when given, is validated
+        here and becomes generation `version`, written by `stage_register`.
         """
         version = _check_version(version)
-        if not isinstance(tensors, Mapping) or not tensors:
-            raise MetadataError("tensors must be a non-empty mapping name -> torch.Tensor")
-        for name, t in tensors.items():
-            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-                raise MetadataError(
-                    f"tensors must map str to torch.Tensor; got {name!r}: {type(t).__name__}"
-                )
-        if not isinstance(metadata, Mapping):
-            raise MetadataError(f"metadata must be a dict, got {type(metadata).__name__}")
+        _check_tensors(tensors)
+        prepared = None if memory is None else self.exemplars.prepare(memory, version)
         created = datetime.now(UTC)
-        try:
-            # Through JSON once: what is saved is exactly what `load` gives back.
-            full = json.loads(
-                json.dumps(
-                    {**dict(metadata), "version": version, "created": created.isoformat()},
-                    default=_jsonable,
-                )
-            )
-        except (TypeError, ValueError) as e:
-            raise MetadataError(f"metadata must be JSON-serialisable: {e}") from None
-        try:
-            known = _KnownMetadata.model_validate(full)
-        except ValidationError as e:
-            raise MetadataError(f"bad version metadata: {e}") from None
-        state_json = json.dumps(full, indent=1)
-        if self.exists(version):
-            raise VersionExistsError(
-                f"model version {version} is already saved; versions are immutable"
-            )
-
-        token = f"{known.job_id or ''}:{uuid.uuid4().hex}"
-        lock = self.keys.version_lock(version)
-        if not self._acquire_lock(keys=[lock], args=[token, known.job_id or "", SAVE_LOCK_MS]):
-            raise VersionLockedError(f"another process is saving model version {version}")
+        full, known = _checked_metadata(
+            version, metadata, None if prepared is None else version, created
+        )
+        self._refuse_saved(version)
+        token = self._take_save_lock(version, known.job_id)
         try:
             # Again under the lock: registration happens while its writer holds the lock, so
             # only now is "not registered" final.
-            if self.exists(version):
-                raise VersionExistsError(
-                    f"model version {version} is already saved; versions are immutable"
-                )
-            tag = self.tag(version)
-            # Registered versions are never rewritten, so a directory here is what a crashed
-            # writer left: replace it.
-            if self.model_store.list(tag):
-                self.model_store.delete(tag)
-            # Own copies: safetensors refuses views that share storage (tied weights).
-            plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-            bento_meta = _for_bentoml(
-                {
-                    "version": version,
-                    "parent_version": known.parent_version,
-                    "step": known.step,
-                    "class_names": known.class_names,
-                    "counts": known.counts,
-                    "metrics": {
-                        k: v
-                        for k, v in known.metrics.items()
-                        if isinstance(v, int | float | str | bool)
-                    },
-                    "created": created.isoformat(),
-                    "job_id": known.job_id,
-                }
-            )
-            with bentoml.models.create(
-                tag,
-                labels={"app": "bsce-serve", "version": str(version)},
-                metadata=bento_meta,
-                _model_store=self.model_store,
-            ) as model:
-                weights = Path(model.path_of(WEIGHTS_FILE))
-                save_file(plain, str(weights), metadata={"version": str(version)})
-                Path(model.path_of(STATE_FILE)).write_text(state_json)
-                digest, size = _sha256(weights), weights.stat().st_size
+            self._refuse_saved(version)
+            digest, size = self._write_files(version, tensors, full, known, created)
         except BaseException:
-            self._release_lock(keys=[lock], args=[token])
+            self._release_lock(keys=[self.keys.version_lock(version)], args=[token])
             raise
         info = VersionInfo(
             version=version,
-            tag=tag,
+            tag=self.tag(version),
             parent_version=known.parent_version,
             step=known.step,
             class_names=known.class_names,
@@ -354,13 +422,57 @@ class VersionStore:
             job_id=known.job_id,
             sha256=digest,
             size_bytes=size,
+            memory_generation=known.memory_generation,
         )
-        return PendingVersion(info=info, lock_token=token)
+        return PendingVersion(info=info, lock_token=token, memory=prepared)
 
-    def _register_watches(self, pending: PendingVersion) -> builtins.list[str]:
+    def _refuse_saved(self, version: int) -> None:
+        if self.exists(version):
+            raise VersionExistsError(
+                f"model version {version} is already saved; versions are immutable"
+            )
+
+    def _take_save_lock(self, version: int, job_id: str | None) -> str:
+        token = f"{job_id or ''}:{uuid.uuid4().hex}"
+        lock = self.keys.version_lock(version)
+        if not self._acquire_lock(keys=[lock], args=[token, job_id or "", SAVE_LOCK_MS]):
+            raise VersionLockedError(f"another process is saving model version {version}")
+        return token
+
+    def _write_files(
+        self,
+        version: int,
+        tensors: Mapping[str, torch.Tensor],
+        full: Mapping[str, Any],
+        known: _KnownMetadata,
+        created: datetime,
+    ) -> tuple[str, int]:
+        """The BentoML model of `version` (weights and state.json); the weights' digest and
+        size. Registered versions are never rewritten, so a directory already there is what
+        a crashed writer left: it is replaced."""
+        tag = self.tag(version)
+        if self.model_store.list(tag):
+            self.model_store.delete(tag)
+        # Own copies: safetensors refuses views that share storage (tied weights).
+        plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        with bentoml.models.create(
+            tag,
+            labels={"app": "bsce-serve", "version": str(version)},
+            metadata=_bento_metadata(version, known, created),
+            _model_store=self.model_store,
+        ) as model:
+            weights = Path(model.path_of(WEIGHTS_FILE))
+            save_file(plain, str(weights), metadata={"version": str(version)})
+            Path(model.path_of(STATE_FILE)).write_text(json.dumps(full, indent=1))
+            return _sha256(weights), weights.stat().st_size
+
+    # -- registering inside a transaction (here and in Storage.commit_step) --------------
+
+    def register_watches(self, pending: PendingVersion) -> builtins.list[str]:
+        """The keys a caller of `check_register` must WATCH."""
         return [self.keys.versions_registry, self.keys.version_lock(pending.info.version)]
 
-    def _check_register(self, pipe: redis.client.Pipeline, pending: PendingVersion) -> None:
+    def check_register(self, pipe: redis.client.Pipeline, pending: PendingVersion) -> None:
         """Under WATCH (immediate mode): refuse when the number got taken or the lock lost."""
         v = pending.info.version
         if pipe.hexists(self.keys.versions_registry, str(v)):
@@ -370,16 +482,14 @@ class VersionStore:
                 f"the save lock of model version {v} expired or was taken over"
             )
 
-    def _stage_register(self, pipe: redis.client.Pipeline, pending: PendingVersion) -> None:
+    def stage_register(self, pipe: redis.client.Pipeline, pending: PendingVersion) -> None:
+        """Queue the registration and the version's memory generation (inside MULTI)."""
         info = pending.info
         pipe.hset(self.keys.versions_registry, str(info.version), info.model_dump_json())
         if info.job_id:
             pipe.hset(self.keys.versions_by_job, info.job_id, info.version)
-
-    def _register_txn(self, pipe: redis.client.Pipeline, pending: PendingVersion) -> None:
-        self._check_register(pipe, pending)
-        pipe.multi()
-        self._stage_register(pipe, pending)
+        if pending.memory is not None:
+            self.exemplars.stage_write(pipe, pending.memory)
 
     def discard(self, pending: PendingVersion) -> None:
         """Remove the files of a version that was written but will not be registered
@@ -389,7 +499,7 @@ class VersionStore:
             mine = self.r.get(self.keys.version_lock(v)) == pending.lock_token.encode()
             if not mine or self.exists(v):
                 return
-        except redis.RedisError:
+        except (redis.RedisError, StorageError):
             return  # cannot tell whether it got registered: keep the files
         with contextlib.suppress(bentoml.exceptions.NotFound):
             self.model_store.delete(pending.info.tag)
@@ -398,6 +508,8 @@ class VersionStore:
         self._release_lock(
             keys=[self.keys.version_lock(pending.info.version)], args=[pending.lock_token]
         )
+
+    # -- loading -------------------------------------------------------------------------
 
     def model_dir(self, version: int) -> Path:
         info = self.info(version)
@@ -425,6 +537,86 @@ class VersionStore:
         metadata = json.loads((path / STATE_FILE).read_text())
         return load_file(str(weights), device="cpu"), metadata
 
+    # -- memory generations --------------------------------------------------------------
+
+    def memory(self, version: int) -> dict[int, np.ndarray]:
+        """The exemplar memory `version` was saved with (its generation), in class order.
+
+        Raises `MemoryGenerationError` when it names none or its generation was collected.
+        """
+        generation = self._generation_of(version)
+        try:
+            return self.exemplars.read(generation)
+        except MemoryGenerationError:
+            raise MemoryGenerationError(
+                f"the exemplar memory of model version {version} (generation {generation}) "
+                "was garbage-collected: generations are kept for the current, pinned and "
+                "newest versions and the pointer history only, so no step can be built on "
+                "this version"
+            ) from None
+
+    def memory_info(self, version: int) -> MemoryInfo | None:
+        """Counts and size of `version`'s memory; None when it has none (any more)."""
+        generation = self.info(version).memory_generation
+        if generation is None:
+            return None
+        try:
+            return self.exemplars.info(generation)
+        except MemoryGenerationError:
+            return None
+
+    def _generation_of(self, version: int) -> int:
+        generation = self.info(version).memory_generation
+        if generation is None:
+            raise MemoryGenerationError(
+                f"model version {version} was saved without an exemplar memory; no step can "
+                "be built on it"
+            )
+        return generation
+
+    def memory_watches(self) -> builtins.list[str]:
+        """The keys a caller of `unneeded_generations` must WATCH (with `pointer_watches`)."""
+        return [self.keys.versions_registry, self.keys.mem_generations]
+
+    def unneeded_generations(
+        self,
+        pipe: redis.client.Pipeline,
+        after: PointerState,
+        new: VersionInfo | None = None,
+    ) -> builtins.list[int]:
+        """Under WATCH (immediate mode): the stored generations no version needs once the
+        pointer is `after` and `new` (being registered) is saved; see the module doc."""
+        registered = {int(v) for v in pipe.hkeys(self.keys.versions_registry)}
+        if new is not None:
+            registered.add(new.version)
+        keep = {after.current, after.pinned, max(registered, default=None), *after.history}
+        keep.discard(None)
+        needed = set() if new is None else {new.memory_generation}
+        lookup = sorted(v for v in keep if new is None or v != new.version)
+        if lookup:
+            for raw in pipe.hmget(self.keys.versions_registry, [str(v) for v in lookup]):
+                if raw is not None:
+                    needed.add(VersionInfo.model_validate_json(raw).memory_generation)
+        stored = {int(g) for g in pipe.smembers(self.keys.mem_generations)}
+        return sorted(stored - needed)
+
+    def stage_collect(self, pipe: redis.client.Pipeline, generations: Iterable[int]) -> None:
+        """Queue the removal of `generations` (inside MULTI)."""
+        self.exemplars.stage_delete(pipe, generations)
+
+    def collect_memory(self) -> builtins.list[int]:
+        """Remove the generations no version needs now (commits do this themselves); the
+        generations removed."""
+
+        def txn(pipe: redis.client.Pipeline) -> builtins.list[int]:
+            drop = self.unneeded_generations(pipe, self.read_pointer(pipe))
+            pipe.multi()
+            self.stage_collect(pipe, drop)
+            return drop
+
+        watches = {*self.pointer_watches(), *self.memory_watches()}
+        return self.r.transaction(txn, *watches, value_from_callable=True)
+
     # -- pointer -------------------------------------------------------------------------
 
     def current(self) -> int | None:
@@ -441,25 +633,24 @@ class VersionStore:
         pipe.get(self.keys.version_pinned)
         pipe.lrange(self.keys.version_history, 0, -1)
         cur, pin, hist = pipe.execute()
-        return PointerState(
-            current=None if cur is None else int(cur),
-            pinned=None if pin is None else int(pin),
-            history=[int(h) for h in hist],
-        )
+        return _pointer_state(cur, pin, hist)
 
-    def _pointer_watches(self) -> builtins.list[str]:
+    def pointer_watches(self) -> builtins.list[str]:
+        """The keys a caller of `read_pointer` must WATCH."""
         k = self.keys
         return [k.version_current, k.version_pinned, k.version_history, k.versions_registry]
 
-    def _read_pointer(self, pipe: redis.client.Pipeline) -> tuple[int | None, int | None]:
-        cur, pin = pipe.get(self.keys.version_current), pipe.get(self.keys.version_pinned)
-        return (None if cur is None else int(cur)), (None if pin is None else int(pin))
+    def read_pointer(self, pipe: redis.client.Pipeline) -> PointerState:
+        """Under WATCH (immediate mode): the pointer state."""
+        k = self.keys
+        cur, pin = pipe.get(k.version_current), pipe.get(k.version_pinned)
+        return _pointer_state(cur, pin, pipe.lrange(k.version_history, 0, -1))
 
     def _require(self, pipe: redis.client.Pipeline, version: int) -> None:
         if not pipe.hexists(self.keys.versions_registry, str(int(version))):
             raise UnknownVersionError(f"no model version {version}")
 
-    def _stage_move(
+    def stage_move(
         self,
         pipe: redis.client.Pipeline,
         event: str,
@@ -496,29 +687,30 @@ class VersionStore:
 
         def txn(pipe: redis.client.Pipeline) -> bool:
             self._require(pipe, version)
-            cur, pin = self._read_pointer(pipe)
+            state = self.read_pointer(pipe)
+            cur, pin = state.current, state.pinned
             if pin is not None and respect_pin:
                 return False
             pipe.multi()
             if pin is not None:
                 pipe.set(self.keys.version_pinned, int(version))
-            self._stage_move(
+            self.stage_move(
                 pipe, "set", int(version), cur, None if pin is None else int(version), reason
             )
             return True
 
-        return self.r.transaction(txn, *self._pointer_watches(), value_from_callable=True)
+        return self.r.transaction(txn, *self.pointer_watches(), value_from_callable=True)
 
     def rollback(self, reason: str = "rollback") -> int:
         """Serve the version served before the current one; the new current version."""
 
         def txn(pipe: redis.client.Pipeline) -> int:
-            cur, pin = self._read_pointer(pipe)
-            if pin is not None:
+            state = self.read_pointer(pipe)
+            cur, hist = state.current, state.history
+            if state.pinned is not None:
                 raise PinnedError(
-                    f"the pointer is pinned to version {pin}; unpin it before a rollback"
+                    f"the pointer is pinned to version {state.pinned}; unpin it before a rollback"
                 )
-            hist = [int(h) for h in pipe.lrange(self.keys.version_history, 0, -1)]
             # Skip entries equal to the current version (a set to the same version twice).
             drop = 0
             while drop < len(hist) and hist[drop] == cur:
@@ -529,40 +721,40 @@ class VersionStore:
             pipe.multi()
             for _ in range(drop + 1):
                 pipe.lpop(self.keys.version_history)
-            self._stage_move(pipe, "rollback", target, cur, None, reason, push_history=False)
+            self.stage_move(pipe, "rollback", target, cur, None, reason, push_history=False)
             return target
 
-        return self.r.transaction(txn, *self._pointer_watches(), value_from_callable=True)
+        return self.r.transaction(txn, *self.pointer_watches(), value_from_callable=True)
 
     def pin(self, version: int, reason: str = "pin") -> None:
         """Serve `version` and keep serving it until `unpin`."""
 
         def txn(pipe: redis.client.Pipeline) -> None:
             self._require(pipe, version)
-            cur, _ = self._read_pointer(pipe)
+            cur = self.read_pointer(pipe).current
             pipe.multi()
             pipe.set(self.keys.version_pinned, int(version))
-            self._stage_move(pipe, "pin", int(version), cur, int(version), reason)
+            self.stage_move(pipe, "pin", int(version), cur, int(version), reason)
 
-        self.r.transaction(txn, *self._pointer_watches())
+        self.r.transaction(txn, *self.pointer_watches())
 
     def unpin(self, to_latest: bool = True, reason: str = "unpin") -> int | None:
         """Lift the pin; with `to_latest`, serve the newest version. The current version."""
 
         def txn(pipe: redis.client.Pipeline) -> int | None:
-            cur, _ = self._read_pointer(pipe)
+            cur = self.read_pointer(pipe).current
             keys = pipe.hkeys(self.keys.versions_registry)
             latest = max((int(v) for v in keys), default=None)
             new = latest if to_latest and latest is not None else cur
             pipe.multi()
             pipe.delete(self.keys.version_pinned)
-            self._stage_move(pipe, "unpin", new, cur, None, reason)
+            self.stage_move(pipe, "unpin", new, cur, None, reason)
             return new
 
-        return self.r.transaction(txn, *self._pointer_watches(), value_from_callable=True)
+        return self.r.transaction(txn, *self.pointer_watches(), value_from_callable=True)
 
-    def subscribe(self, timeout_s: float = 5.0) -> redis.client.PubSub:
-        """A pub/sub subscribed to the announcements (read them with `next_announcement`).
+    def subscribe(self, timeout_s: float = 5.0) -> Subscription:
+        """A subscription to the announcements (read them with `next_announcement`).
 
         Returns once the server confirmed the subscription, so no later change is missed.
         Announcements are hints (pub/sub drops messages while a subscriber is disconnected):
@@ -575,7 +767,7 @@ class VersionStore:
             msg = ps.get_message(timeout=max(0.0, deadline - time.monotonic()))
             if msg is not None and msg["type"] == "subscribe":
                 ps.ignore_subscribe_messages = True
-                return ps
+                return Subscription(ps)
         ps.close()
         raise StorageError("no subscription confirmation from Redis")
 
@@ -583,12 +775,15 @@ class VersionStore:
 
     def ensure_initial(
         self,
-        version0_factory: Callable[[], tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
+        version0_factory: Callable[[], Version0],
         timeout_s: float = 300.0,
     ) -> int:
         """Create version 0 from `version0_factory()` unless it exists, and serve it if
         nothing is served yet. Safe when several processes start at once: one builds it,
         the others wait for it. Returns 0.
+
+        The factory returns ``(tensors, metadata)`` or ``(tensors, metadata, memory)``;
+        version 0 is saved with that memory as its generation (empty when left out).
         """
         lock, token = self.keys.versions_init_lock, uuid.uuid4().hex
         deadline = time.monotonic() + timeout_s
@@ -596,8 +791,7 @@ class VersionStore:
             if self.r.set(lock, token, nx=True, px=max(1, math.ceil(timeout_s * 1000))):
                 try:
                     if not self.exists(0):
-                        tensors, metadata = version0_factory()
-                        self.save(0, tensors, {"parent_version": None, "step": 0, **dict(metadata)})
+                        self._save_initial(version0_factory())
                 finally:
                     self._release_lock(keys=[lock], args=[token])
                 break
@@ -608,31 +802,44 @@ class VersionStore:
             time.sleep(0.05)
 
         def txn(pipe: redis.client.Pipeline) -> None:
-            cur, _ = self._read_pointer(pipe)
+            cur = self.read_pointer(pipe).current
             pipe.multi()
             if cur is None:
-                self._stage_move(pipe, "set", 0, None, None, "initial version")
+                self.stage_move(pipe, "set", 0, None, None, "initial version")
 
-        self.r.transaction(txn, *self._pointer_watches())
+        self.r.transaction(txn, *self.pointer_watches())
         return 0
 
+    def _save_initial(self, payload: Version0) -> None:
+        if not isinstance(payload, tuple) or len(payload) not in (2, 3):
+            raise MetadataError(
+                "the version 0 factory must return (tensors, metadata) or "
+                "(tensors, metadata, memory)"
+            )
+        tensors, metadata = payload[0], payload[1]
+        memory = payload[2] if len(payload) == 3 else {}
+        self.save(0, tensors, {"parent_version": None, "step": 0, **dict(metadata)}, memory)
 
-def next_announcement(ps: redis.client.PubSub, timeout_s: float) -> Announcement | None:
-    """The next announcement on `ps` within `timeout_s`, else None."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        msg = ps.get_message(timeout=left)
-        if msg is not None and msg["type"] == "message":
-            return Announcement.from_message(msg)
+
+def _pointer_state(cur: bytes | None, pin: bytes | None, hist: Iterable[bytes]) -> PointerState:
+    return PointerState(
+        current=None if cur is None else int(cur),
+        pinned=None if pin is None else int(pin),
+        history=[int(h) for h in hist],
+    )
+
+
+def next_announcement(subscription: Subscription, timeout_s: float) -> Announcement | None:
+    """The next announcement on `subscription` within `timeout_s`, else None."""
+    return subscription.next(timeout_s)
 
 
 __all__ = [
     "Announcement",
     "PendingVersion",
     "PointerState",
+    "Subscription",
+    "Version0",
     "VersionInfo",
     "VersionStore",
     "next_announcement",

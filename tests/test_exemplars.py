@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from learner.core.config import MemoryConfig
 from learner.exemplars import ExemplarMemory, herding, random_selection
-from learner.protocols import quota_per_class
 
 
 def _prefix_error(feats: torch.Tensor, idx: torch.Tensor) -> list[float]:
@@ -75,8 +74,7 @@ def test_random_selection_is_seeded():
     ],
 )
 def test_quota(mode, size, seen, quota):
-    assert quota_per_class(mode, size, seen) == quota
-    MemoryConfig(mode=mode, size=size)  # the config accepts the same combination
+    assert MemoryConfig(mode=mode, size=size).quota(seen) == quota
 
 
 def test_shrink_keeps_the_priority_prefix_and_small_classes_whole():

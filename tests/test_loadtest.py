@@ -3,9 +3,9 @@
 One ``bentoml serve`` (2 API workers) and one learner worker (resnet8, memory 40, seed 7)
 start for the module, on the machine's Redis (database 12, a prefix of our own, deleted at
 the end) and a temporary BentoML home; both process groups are killed at the end. The
-replay runs first (it needs a fresh store), then the Locust smoke run. Tests without the
-server: the replay's data selection, the random stream versions carry, and the swap-window
-analysis on synthetic records.
+replay runs first (it needs a fresh store), then the Locust smoke run; both are marked
+``integration``. Tests without the server: the replay's data selection, the random stream
+versions carry, the Locust command, and the swap-window analysis on synthetic records.
 """
 
 from __future__ import annotations
@@ -29,14 +29,10 @@ from learner.data import load_dataset
 from learner.protocols import get_protocol, resolve_class_order
 from loadtest import replay
 from loadtest.client import Client
-from loadtest.run import run_locust, summarise, version_changes
+from loadtest.run import LocustRun, run_locust, summarise, version_changes
 from loadtest.stack import Stack, StackError, local_stack
-from loadtest.swap_under_load import analyse
-from tests.test_server_support import (  # noqa: F401  (fixtures are used by name)
-    drop_prefix,
-    fixture_server_redis,
-    stack_env,
-)
+from loadtest.swap_under_load import analyse, swap_counter_deltas
+from tests.test_server_support import drop_prefix, stack_env
 from tests.test_storage_support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +63,8 @@ def fixture_lt_server(
     # chunks path.
     env = stack_env(prefix, home, TOKEN, WORKERS, BSCE_MAX_BATCH="32")
     worker_args = [
-        "--backbone", "resnet8", "--epochs", "1", "--memory", str(MEMORY), "--seed", str(SEED),
+        "--base-model", "none", "--min-steps", "0", "--backbone", "resnet8", "--epochs", "1",
+        "--memory", str(MEMORY), "--seed", str(SEED),
         "--claim-timeout", "60",
     ]  # fmt: skip
     try:
@@ -115,6 +112,7 @@ def offline_reference(result: dict[str, Any]) -> dict[str, Any]:
 # -- tests with the server ---------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_replay_agrees_with_offline_runner(lt_server: LoadTestServer, tmp_path: Path) -> None:
     result = replay.main(
         [
@@ -174,6 +172,7 @@ def test_replay_agrees_with_offline_runner(lt_server: LoadTestServer, tmp_path: 
     assert json.loads(replay_file.read_text())["comparison"] == again
 
 
+@pytest.mark.integration
 def test_locust_headless_smoke(lt_server: LoadTestServer, tmp_path: Path) -> None:
     summary = run_locust(
         lt_server.url, users=3, spawn_rate=3, duration_s=8, out=tmp_path,
@@ -223,6 +222,40 @@ def test_versions_carry_the_offline_runners_random_stream() -> None:
     # A version without a saved stream (written before streams were saved) gets seed + v.
     legacy = step_generator({}, fallback_seed=seed + 1)
     assert torch.equal(legacy.get_state(), torch.Generator().manual_seed(seed + 1).get_state())
+
+
+def test_locust_user_classes_and_command(tmp_path: Path) -> None:
+    run = LocustRun("http://h:1", users=3, spawn_rate=2.0, duration_s=7.6, out=tmp_path)
+    assert run.user_classes() == ["SinglePredictUser", "BatchPredictUser"]
+    cmd = run.command(run.user_classes())
+    assert cmd[cmd.index("-t") + 1] == "8s" and cmd[cmd.index("--host") + 1] == "http://h:1"
+    assert cmd[cmd.index("--bsce-records") + 1] == str(tmp_path / "requests.jsonl")
+    assert cmd[cmd.index("--bsce-stop-after") + 1] == "-1" and "--bsce-token" not in cmd
+    assert cmd[-2:] == ["SinglePredictUser", "BatchPredictUser"]
+    updater = LocustRun(
+        "http://h:1", 2, 1.0, 5.0, tmp_path, updates=1, token="T", single=False, extra_args=["-x"]
+    )
+    cmd = updater.command(updater.user_classes())
+    assert cmd[-3:] == ["-x", "BatchPredictUser", "UpdaterUser"]
+    assert cmd[cmd.index("--bsce-token") + 1] == "T"
+    with pytest.raises(ValueError, match="no user class"):
+        LocustRun("u", 2, 1.0, 5.0, tmp_path, single=False, batched=False).user_classes()
+    with pytest.raises(ValueError, match="at least 2"):
+        LocustRun("u", 1, 1.0, 5.0, tmp_path, updates=1).user_classes()
+
+
+def test_swap_counter_deltas() -> None:
+    before = {"bsce_swap_duration_seconds_sum": 0.5, "bsce_swap_duration_seconds_count": 1.0}
+    after = {
+        "bsce_swap_duration_seconds_sum": 1.7,
+        "bsce_swap_duration_seconds_count": 3.0,
+        "bsce_swap_failures_total": 0.0,
+    }
+    deltas = swap_counter_deltas(before, after)
+    assert deltas["bsce_swap_duration_seconds_count"] == 2.0
+    assert deltas["mean_load_seconds"] == pytest.approx(0.6)
+    assert deltas["bsce_swap_failures_total"] is None  # not counted before: unknown
+    assert swap_counter_deltas({}, {}) == {}
 
 
 def _records(path: Path) -> Path:

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from learner.core.config import DistillConfig
 from learner.losses import (
     balanced_softmax_cross_entropy,
-    distillation_weight,
     feature_distillation,
     log_prior,
     logit_distillation,
@@ -100,5 +100,7 @@ def test_feature_distillation_and_weights():
     f = torch.randn(4, 8)
     assert feature_distillation(f, f).item() == pytest.approx(0.0, abs=1e-6)
     assert feature_distillation(f, -f).item() == pytest.approx(2.0, abs=1e-6)
-    assert distillation_weight("adaptive", 8, 10) == pytest.approx(0.8)
-    assert distillation_weight(0.3, 8, 10) == pytest.approx(0.3)
+    assert DistillConfig(weight_cap=1.0).weight_for(8, 10) == pytest.approx(0.8)
+    assert DistillConfig(weight=0.3).weight_for(8, 10) == pytest.approx(0.3)
+    assert DistillConfig(weight_cap=0.5).weight_for(8, 10) == pytest.approx(0.5)
+    assert DistillConfig(weight_cap=0.5).weight_for(2, 10) == pytest.approx(0.2)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from learner.core.config import MemoryConfig
 from learner.protocols import (
     CLASS_ORDERS,
     ORDER_RULES,
@@ -12,7 +13,6 @@ from learner.protocols import (
     Protocol,
     get_protocol,
     load_class_order_file,
-    quota_per_class,
     resolve_class_order,
 )
 
@@ -110,7 +110,7 @@ def test_preset_class_counts_add_up() -> None:
 def test_preset_conventions() -> None:
     for steps in (10, 20, 50):
         p = PRESETS[f"cifar100-b0-s{steps}"]
-        assert (p.class_order, p.memory_mode, p.memory_size, p.backbone) == (
+        assert (p.class_order, p.memory.mode, p.memory.size, p.backbone) == (
             "cifar100-seed1993-icarl",
             "fixed_total",
             2000,
@@ -118,21 +118,21 @@ def test_preset_conventions() -> None:
         )
     for steps in (5, 10, 25):
         p = PRESETS[f"cifar100-b50-s{steps}"]
-        assert (p.class_order, p.memory_mode, p.memory_size, p.backbone) == (
+        assert (p.class_order, p.memory.mode, p.memory.size, p.backbone) == (
             "cifar100-seed1993-numpy",
             "fixed_per_class",
             20,
             "resnet32",
         )
         p = PRESETS[f"imagenet-subset-b50-s{steps}"]
-        assert (p.class_order, p.memory_mode, p.memory_size, p.backbone) == (
+        assert (p.class_order, p.memory.mode, p.memory.size, p.backbone) == (
             "imagenet-subset-lucir",
             "fixed_per_class",
             20,
             "resnet18",
         )
     assert PRESETS["imagenet-b500-s10"].total_classes == 1000
-    assert PRESETS["cifar10-subset-b0-s5"].memory_size == 200
+    assert PRESETS["cifar10-subset-b0-s5"].memory.size == 200
     assert PRESETS["fashion-mnist-b0-s5"].dataset == "fashion-mnist"
 
 
@@ -170,9 +170,11 @@ def test_protocol_is_frozen() -> None:
 
 
 def test_get_protocol_overrides_are_validated() -> None:
-    p = get_protocol("cifar100-b0-s10", memory_mode="none", class_order="cifar100-podnet-2")
-    assert p.memory_mode == "none" and p.class_order == "cifar100-podnet-2"
-    assert PRESETS["cifar100-b0-s10"].memory_mode == "fixed_total"  # preset untouched
+    p = get_protocol(
+        "cifar100-b0-s10", memory=MemoryConfig(size=0), class_order="cifar100-podnet-2"
+    )
+    assert p.memory.mode == "none" and p.class_order == "cifar100-podnet-2"
+    assert PRESETS["cifar100-b0-s10"].memory.mode == "fixed_total"  # preset untouched
     with pytest.raises(ValueError, match="add up to 90 classes, but total_classes is 100"):
         get_protocol("cifar100-b0-s10", num_steps=9)
     with pytest.raises(ValueError, match="unknown class_order"):
@@ -182,7 +184,7 @@ def test_get_protocol_overrides_are_validated() -> None:
     with pytest.raises(ValueError, match="Extra inputs"):
         get_protocol("cifar10-b0-s5", incremnt=3)
     with pytest.raises(ValueError):
-        get_protocol("cifar10-b0-s5", memory_mode="fixed")
+        get_protocol("cifar10-b0-s5", memory={"mode": "fixed", "size": 20})
 
 
 def test_get_protocol_unknown_name_lists_names() -> None:
@@ -199,8 +201,7 @@ def test_b0_protocol_with_uneven_shape() -> None:
         increment=3,
         num_steps=3,
         class_order="identity",
-        memory_mode="fixed_total",
-        memory_size=100,
+        memory=MemoryConfig(mode="fixed_total", size=100),
         total_classes=10,
     )
     assert p.step_sizes() == [4, 3, 3]
@@ -364,14 +365,20 @@ def test_order_rules_are_known_names() -> None:
 
 
 def test_quota_per_class() -> None:
-    assert quota_per_class("fixed_total", 2000, 10) == 200
-    assert quota_per_class("fixed_total", 2000, 30) == 66  # 2000 // 30, floor
-    assert quota_per_class("fixed_total", 2000, 0) == 0
-    assert quota_per_class("fixed_per_class", 20, 70) == 20
-    assert quota_per_class("fixed_per_class", 20, 0) == 0
-    assert quota_per_class("none", 2000, 10) == 0
-    assert PRESETS["cifar100-b0-s10"].quota_per_class(40) == 50
+    assert MemoryConfig(mode="fixed_total", size=2000).quota(10) == 200
+    assert MemoryConfig(mode="fixed_total", size=2000).quota(30) == 66  # 2000 // 30, floor
+    assert MemoryConfig(mode="fixed_total", size=2000).quota(0) == 0
+    assert MemoryConfig(mode="fixed_per_class", size=20).quota(70) == 20
+    assert MemoryConfig(mode="fixed_per_class", size=20).quota(0) == 0
+    assert MemoryConfig(size=0).quota(10) == 0
+    assert PRESETS["cifar100-b0-s10"].memory.quota(40) == 50
     with pytest.raises(ValueError):
-        quota_per_class("fixed", 20, 10)  # type: ignore[arg-type]
+        MemoryConfig(mode="fixed", size=20)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        quota_per_class("fixed_total", -1, 10)
+        MemoryConfig(mode="fixed_total", size=-1)
+
+
+def test_memory_size_zero_means_none() -> None:
+    assert MemoryConfig(mode="fixed_per_class", size=0).mode == "none"
+    with pytest.raises(ValueError, match="takes size 0"):
+        MemoryConfig(mode="none", size=20)

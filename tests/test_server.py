@@ -24,16 +24,17 @@ import torch
 
 from loadtest.stack import Stack, StackError, local_stack
 from storage import Storage
-from tests.test_server_support import (  # noqa: F401  (fixtures are used by name)
+from tests.test_server_support import (
     b64,
     class_images,
     drop_prefix,
     encode,
-    fixture_server_redis,
     random_image,
     stack_env,
 )
 from tests.test_storage_support import free_port
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "admin-token-for-tests"
@@ -78,6 +79,10 @@ def fixture_server(
         BSCE_MAX_IMAGE_PIXELS=str(256 * 256),
     )
     worker_args = [
+        "--base-model",
+        "none",
+        "--min-steps",
+        "0",
         "--backbone",
         "resnet8",
         "--epochs",

@@ -1,4 +1,6 @@
-"""Helpers shared by the server tests (tests/test_server*.py); no tests here.
+"""Helpers shared by the server and load tests (tests/test_server*.py,
+tests/test_loadtest.py); no tests here. Their fixtures (``server_redis``, ``storage``) are in
+tests/conftest.py.
 
 The server tests use the machine's Redis, database 12 (``BSCE_TEST_SERVER_REDIS_URL``),
 each under its own key prefix whose keys are deleted afterwards; never the whole database.
@@ -9,21 +11,18 @@ from __future__ import annotations
 import base64
 import io
 import os
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pytest
-import redis
 import torch
 from PIL import Image
 
 from learner.core.config import ModelConfig, StepConfig
 from learner.core.model import IncrementalNet
 from learner.core.versioning import initial_payload, version_payload
-from storage import Storage, close
-from tests.test_storage_support import require_redis
+from storage import Storage
+from tests.test_storage_support import drop_prefix as drop_prefix  # the server tests' import
 
 TEST_REDIS_URL = os.environ.get("BSCE_TEST_SERVER_REDIS_URL", "redis://127.0.0.1:6379/12")
 SMALL = StepConfig(model=ModelConfig(backbone="resnet8"))
@@ -61,12 +60,6 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def drop_prefix(r: redis.Redis, prefix: str) -> None:
-    keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
-    for i in range(0, len(keys), 500):
-        r.delete(*keys[i : i + 500])
-
-
 def save_version(
     storage: Storage,
     version: int,
@@ -95,20 +88,6 @@ def save_version(
     storage.versions.save(version, tensors, metadata)
     if serve:
         storage.versions.set_current(version)
-
-
-@pytest.fixture(name="server_redis", scope="session")
-def fixture_server_redis() -> Iterator[redis.Redis]:
-    r = require_redis(TEST_REDIS_URL)
-    yield r
-    close(r)
-
-
-@pytest.fixture(name="storage")
-def fixture_storage(server_redis: redis.Redis, tmp_path: Path) -> Iterator[Storage]:
-    prefix = f"bsce-srvtest-{uuid.uuid4().hex[:12]}"
-    yield Storage(server_redis, prefix, bentoml_home=tmp_path / "bentoml")
-    drop_prefix(server_redis, prefix)
 
 
 def stack_env(

@@ -24,14 +24,7 @@ from server.middleware import JSON, MULTIPART, Gateway, Route
 from server.schemas import LearnRequest, PredictRequest
 from server.settings import Settings
 from storage import Storage
-from tests.test_server_support import (  # noqa: F401  (fixtures are used by name)
-    b64,
-    encode,
-    fixture_server_redis,
-    fixture_storage,
-    random_image,
-    save_version,
-)
+from tests.test_server_support import b64, encode, random_image, save_version
 
 # BentoML's IO descriptors trip a pydantic deprecation when server.service is imported.
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
@@ -284,6 +277,7 @@ def test_requests_in_flight_finish_on_their_version() -> None:
     assert in_flight.version == 1  # the request that started before keeps v1
 
 
+@pytest.mark.integration
 def test_served_version_masks_inactive_classes(storage: Storage) -> None:
     save_version(storage, 0, [])
     save_version(storage, 1, ["a", "b", "c"], active=[True, False, True])
@@ -298,6 +292,7 @@ def test_served_version_masks_inactive_classes(storage: Storage) -> None:
     assert v0.classify(images, 5) == [[], [], [], []]
 
 
+@pytest.mark.integration
 def test_watcher_follows_the_pointer_and_survives_a_broken_version(storage: Storage) -> None:
     import torch
 
@@ -334,6 +329,7 @@ def test_watcher_follows_the_pointer_and_survives_a_broken_version(storage: Stor
 # -- adaptive batching --------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_batcher_answers_each_request_on_its_own_version(storage: Storage) -> None:
     import torch
 
@@ -411,7 +407,35 @@ def test_watcher_reports_an_unreachable_store_and_keeps_trying(tmp_path) -> None
         time.sleep(0.5)
         assert watcher.is_alive() and not watcher.store_reachable()
         assert watcher.store_error is not None and "Connection" in watcher.store_error
+        assert watcher.store_error.startswith("StoreUnavailableError")  # a storage error
         assert holder.current is None
     finally:
         watcher.stop()
     assert not watcher.is_alive()
+
+
+@pytest.mark.integration
+def test_a_store_that_goes_down_answers_503(redis_process, tmp_path) -> None:
+    """Store failures reach the service as storage errors (no redis import there) and become
+    503 answers: the learn submission, pointer moves and the GET reads."""
+    import json
+
+    from server.service import ApiError, BsceServe
+    from storage import StoreUnavailableError, connect
+
+    storage = Storage(connect(redis_process.url), "bsce-srvtest-down", bentoml_home=tmp_path)
+    save_version(storage, 0, [])
+    svc = BsceServe.inner.__new__(BsceServe.inner)  # the endpoints' logic, without BentoML
+    svc.storage, svc.metrics = storage, Metrics()
+    svc.holder = ModelHolder(lambda v: None)  # type: ignore[arg-type,return-value]
+    redis_process.kill()
+
+    x = np.zeros((1, *CHW), dtype=np.uint8)
+    with pytest.raises(ApiError) as e:
+        svc._submit(x, ["a"], ["a"], None)
+    assert e.value.status == 503 and "unreachable" in str(e.value)
+    answer = asyncio.run(svc._move("versions/rollback", lambda v: v.rollback()))
+    assert answer.status_code == 503 and "unreachable" in json.loads(answer.body)["error"]
+    for read in (svc.list_classes, svc.list_versions, svc.current_version):
+        with pytest.raises(StoreUnavailableError):  # `_get` turns these into 503
+            read()

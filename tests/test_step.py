@@ -24,7 +24,7 @@ def _config(subset, **kw) -> StepConfig:
     base = step_config_for(get_protocol("cifar10-subset-b0-s5"), subset)
     fields = {
         "model": ModelConfig(backbone="resnet8"),
-        "optim": OptimConfig(epochs=2, batch_size=64),
+        "optim": OptimConfig(epochs=2, min_steps=0, batch_size=64),
         **kw,
     }
     return base.model_copy(update=fields)
@@ -115,7 +115,7 @@ def test_memory_free_step_keeps_no_exemplars(subset):
 
 def test_tiny_real_run_beats_an_accuracy_floor(subset):
     protocol = get_protocol("cifar10-subset-b0-s5", num_steps=3, total_classes=6)
-    config = _config(subset, optim=OptimConfig(epochs=8, batch_size=64))
+    config = _config(subset, optim=OptimConfig(epochs=8, min_steps=0, batch_size=64))
     result = run_protocol(
         protocol, config, subset, [0, 1, 8, 9, 6, 7], seed=0, device=CPU, progress=False
     )
@@ -132,7 +132,7 @@ def test_bsce_beats_ce_on_old_classes_after_an_imbalanced_step(subset):
     # 100 images per new class against 5 exemplars per old class: plain CE tilts the head
     # towards the new classes; BSCE's log-prior corrects for exactly that imbalance.
     memory = MemoryConfig(mode="fixed_per_class", size=5)
-    base = _config(subset, memory=memory, optim=OptimConfig(epochs=8, batch_size=64))
+    base = _config(subset, memory=memory, optim=OptimConfig(epochs=8, min_steps=0, batch_size=64))
     g = torch.Generator().manual_seed(0)
     model = IncrementalNet.create(base.model, g)
     first = train_step(

@@ -1,4 +1,5 @@
-"""Storage: connection, exemplar memory, label map, model versions (real Redis only)."""
+"""Storage: connection, exemplar memory generations, label map, model versions, the error
+boundary (real Redis only)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ import torch
 from storage import (
     ExemplarStore,
     ExemplarValidationError,
+    JobQueue,
     LabelMap,
     LabelValidationError,
+    MemoryGenerationError,
     MetadataError,
     NoPreviousVersionError,
     PinnedError,
+    Storage,
     StorageError,
+    StoreResponseError,
+    StoreUnavailableError,
     UnknownLabelError,
     UnknownVersionError,
     VersionExistsError,
@@ -32,17 +38,14 @@ from storage import (
     next_announcement,
 )
 from storage.connection import is_embedded
-from tests.test_storage_support import (  # noqa: F401  (fixtures are used by name)
-    TEST_REDIS_URL,
-    fixture_embedded_redis,
-    fixture_machine_redis,
-    fixture_prefix,
-    fixture_r,
-    images,
-    prefix_keys,
-)
+from tests.test_storage_support import TEST_REDIS_URL, RedisProcess, images, prefix_keys
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -89,7 +92,7 @@ def test_embedded_keeps_state_across_restarts(tmp_path: Path) -> None:
 
     r = connect(None, data_dir)
     assert is_embedded(r)
-    ExemplarStore(r, "p").replace_all(memory, version=1)
+    ExemplarStore(r, "p").write(1, memory)
     assert LabelMap(r, "p").get_or_add(["cat", "dog"]) == [0, 1]
     vs = VersionStore(r, "p", bentoml_home=home)
     vs.save(0, _tensors(0), {})
@@ -98,10 +101,10 @@ def test_embedded_keeps_state_across_restarts(tmp_path: Path) -> None:
     vs.set_current(1)
 
     def check(r: redis.Redis) -> None:
-        back = ExemplarStore(r, "p").read_all()
+        back = ExemplarStore(r, "p").read(1)
         assert back.keys() == memory.keys()
         assert all(np.array_equal(back[k], memory[k]) for k in memory)
-        assert ExemplarStore(r, "p").version() == 1
+        assert ExemplarStore(r, "p").generations() == [1]
         assert LabelMap(r, "p").names() == ["cat", "dog"]
         vs = VersionStore(r, "p", bentoml_home=home)
         assert vs.current() == 1 and vs.pointer().history == [0]
@@ -121,7 +124,7 @@ def test_embedded_keeps_state_across_restarts(tmp_path: Path) -> None:
     try:
         check_names = LabelMap(r2, "p").names()
         assert check_names == ["cat", "dog", "bird"]
-        assert ExemplarStore(r2, "p").counts() == {0: 5, 3: 2}
+        assert ExemplarStore(r2, "p").counts(1) == {0: 5, 3: 2}
         assert VersionStore(r2, "p", bentoml_home=home).current() == 1
     finally:
         close(r2)
@@ -130,36 +133,45 @@ def test_embedded_keeps_state_across_restarts(tmp_path: Path) -> None:
 # -- exemplar memory ----------------------------------------------------------------------
 
 
-def test_exemplars_replace_and_read(r: redis.Redis, prefix: str) -> None:
+def test_exemplar_generations_write_read_delete(r: redis.Redis, prefix: str) -> None:
     ex = ExemplarStore(r, prefix)
-    assert (
-        ex.read_all() == {} and ex.counts() == {} and ex.version() is None and ex.total_bytes() == 0
-    )
+    assert ex.generations() == [] and ex.counts(1) == {} and not ex.exists(1)
+    with pytest.raises(MemoryGenerationError, match="no exemplar memory generation 1") as e:
+        ex.read(1)
+    assert isinstance(e.value, LookupError)
 
     first = {2: images(4, 1), 0: images(3, 2), 7: np.zeros((0, 3, 8, 8), np.uint8)}
-    ex.replace_all(first, version=1)
-    back = ex.read_all()
+    ex.write(1, first)
+    back = ex.read(1)
     assert list(back) == [0, 2, 7]
     for k, a in first.items():
         assert back[k].dtype == np.uint8 and back[k].shape == a.shape and np.array_equal(back[k], a)
     back[0][0, 0, 0, 0] ^= 1  # results are the caller's own, writable copies
-    assert ex.counts() == {0: 3, 2: 4, 7: 0}
-    assert ex.total_bytes() == sum(a.nbytes for a in first.values())
-    assert ex.version() == 1 and ex.info().counts == {0: 3, 2: 4, 7: 0}
+    assert np.array_equal(ex.read(1)[0], first[0])
+    assert ex.counts(1) == {0: 3, 2: 4, 7: 0}
+    info = ex.info(1)
+    assert info.generation == 1 and info.counts == {0: 3, 2: 4, 7: 0}
+    assert info.total_bytes == sum(a.nbytes for a in first.values())
 
-    # A replacement is whole: classes missing from the new memory are gone.
+    # Generations sit side by side; writing one again replaces it whole.
     second = {1: images(6, 3)}
-    ex.replace_all(second, version=2)
-    assert list(ex.read_all()) == [1] and ex.counts() == {1: 6} and ex.version() == 2
-    assert np.array_equal(ex.read_class(1), second[1]) and ex.read_class(0) is None
+    ex.write(2, second)
+    assert ex.generations() == [1, 2] and list(ex.read(1)) == [0, 2, 7]
+    ex.write(1, second)
+    assert list(ex.read(1)) == [1] and ex.counts(1) == {1: 6}
+    assert np.array_equal(ex.read_class(1, 1), second[1]) and ex.read_class(1, 0) is None
 
-    # Memory-free setting: an empty memory is a valid memory.
-    ex.replace_all({}, version=3)
-    assert ex.read_all() == {} and ex.version() == 3
+    # Memory-free setting: an empty memory is a valid generation, unlike a missing one.
+    ex.write(3, {})
+    assert ex.read(3) == {} and ex.info(3).total_bytes == 0 and ex.exists(3)
+    ex.delete(1)
+    assert ex.generations() == [2, 3] and ex.counts(1) == {}
+    with pytest.raises(MemoryGenerationError):
+        ex.info(1)
 
 
 @pytest.mark.parametrize(
-    "memory, version, fragment",
+    "memory, generation, fragment",
     [
         ({0: images(2, 1).astype(np.float32)}, 1, "dtype uint8"),
         ({0: images(2, 1)[0]}, 1, "4 dimensions"),
@@ -167,25 +179,25 @@ def test_exemplars_replace_and_read(r: redis.Redis, prefix: str) -> None:
         ({-1: images(2, 1)}, 1, "class index"),
         ({"a": images(2, 1)}, 1, "class index"),
         ({0: [[1, 2]]}, 1, "numpy array"),
-        ({0: images(2, 1)}, -1, "version"),
-        ({0: images(2, 1)}, True, "version"),
+        ({0: images(2, 1)}, -1, "generation"),
+        ({0: images(2, 1)}, True, "generation"),
         ([images(2, 1)], 1, "mapping"),
     ],
 )
 def test_exemplars_bad_input_writes_nothing(
-    r: redis.Redis, prefix: str, memory: object, version: object, fragment: str
+    r: redis.Redis, prefix: str, memory: object, generation: object, fragment: str
 ) -> None:
     ex = ExemplarStore(r, prefix)
     old = {5: images(3, 9)}
-    ex.replace_all(old, version=4)
+    ex.write(1, old)
     keys_before = prefix_keys(r, prefix)
     with pytest.raises(
         ExemplarValidationError, match=fragment.replace("(", r"\(").replace(")", r"\)")
     ) as e:
-        ex.replace_all(memory, version)  # type: ignore[arg-type]
+        ex.write(generation, memory)  # type: ignore[arg-type]
     assert isinstance(e.value, ValueError)
     assert prefix_keys(r, prefix) == keys_before
-    assert ex.version() == 4 and np.array_equal(ex.read_all()[5], old[5])
+    assert ex.generations() == [1] and np.array_equal(ex.read(1)[5], old[5])
 
 
 # -- label map ----------------------------------------------------------------------------
@@ -399,7 +411,52 @@ def test_ensure_initial_once_under_race(versions: VersionStore) -> None:
         t.join()
     assert not errors and len(calls) == 1
     assert [i.version for i in versions.list()] == [0] and versions.current() == 0
+    assert versions.memory(0) == {}  # an empty generation by default
     assert versions.ensure_initial(factory) == 0 and len(calls) == 1
+
+
+def test_version_memory_generation(versions: VersionStore, r: redis.Redis, prefix: str) -> None:
+    memory = {0: images(2, 1), 1: images(3, 2)}
+    versions.save(0, _tensors(0), {}, memory=memory)
+    info = versions.info(0)
+    assert info.memory_generation == 0 and versions.metadata(0)["memory_generation"] == 0
+    back = versions.memory(0)
+    assert list(back) == [0, 1] and all(np.array_equal(back[c], memory[c]) for c in memory)
+    assert versions.memory_info(0).counts == {0: 2, 1: 3}  # type: ignore[union-attr]
+    # The version's files hold the weights only: the memory lives in Redis.
+    assert versions.load(0)[0].keys() == _tensors(0).keys()
+
+    versions.save(1, _tensors(1), {"parent_version": 0})  # no memory: none to build on
+    assert versions.info(1).memory_generation is None and versions.memory_info(1) is None
+    with pytest.raises(MemoryGenerationError, match="saved without an exemplar memory"):
+        versions.memory(1)
+
+    # The store owns memory_generation: one copied from elsewhere is not taken over.
+    versions.save(2, _tensors(2), {"memory_generation": 0, "parent_version": 0})
+    assert versions.info(2).memory_generation is None
+    assert "memory_generation" not in versions.metadata(2)
+
+    before = (
+        prefix_keys(r, prefix),
+        sorted(p.name for p in (versions.model_store._path / "bsce-classifier").iterdir()),
+    )
+    with pytest.raises(ExemplarValidationError):  # checked before any file is written
+        versions.save(3, _tensors(3), {}, memory={0: images(2, 1).astype(np.float32)})
+    assert before == (
+        prefix_keys(r, prefix),
+        sorted(p.name for p in (versions.model_store._path / "bsce-classifier").iterdir()),
+    )
+
+
+def test_ensure_initial_takes_a_memory_from_the_factory(versions: VersionStore) -> None:
+    memory = {3: images(4, 5)}
+    with pytest.raises(MetadataError, match="factory must return"):
+        versions.ensure_initial(lambda: (_tensors(0),))  # type: ignore[arg-type,return-value]
+    assert not versions.exists(0)
+    assert versions.ensure_initial(lambda: (_tensors(0), {"class_names": []}, memory)) == 0
+    assert versions.info(0).memory_generation == 0
+    assert np.array_equal(versions.memory(0)[3], memory[3])
+    assert versions.exemplars.generations() == [0]
 
 
 def test_crashed_save_leftover_is_replaced(versions: VersionStore) -> None:
@@ -461,3 +518,54 @@ def test_embedded_server_is_shared_by_processes(tmp_path: Path) -> None:
         assert r.get("p:starts") == b"3" and r.pid != pid
     finally:
         close(r)
+
+
+# -- the storage boundary -----------------------------------------------------------------
+
+
+def test_a_store_that_is_down_raises_storage_errors(
+    redis_process: RedisProcess, tmp_path: Path
+) -> None:
+    st = Storage(connect(redis_process.url), "p", bentoml_home=tmp_path / "bentoml")
+    st.versions.ensure_initial(lambda: (_tensors(0), {}))
+    sub = st.versions.subscribe()
+    redis_process.kill()
+    calls = {
+        "current": st.versions.current,
+        "pointer": st.versions.pointer,
+        "rollback": st.versions.rollback,
+        "memory": lambda: st.versions.memory(0),
+        "names": st.labels.names,
+        "submit": lambda: st.jobs.submit(images(1, 1), ["a"]),
+        "claim": lambda: st.jobs.claim("w"),
+        "status": lambda: st.jobs.status("x"),
+        "generations": st.exemplars.generations,
+        "announcement": lambda: next_announcement(sub, 1.0),
+        "subscribe": st.versions.subscribe,
+        "open": lambda: Storage(connect(redis_process.url), "p", bentoml_home=tmp_path),
+    }
+    for what, call in calls.items():
+        with pytest.raises(StoreUnavailableError, match="unreachable") as e:
+            call()
+        assert isinstance(e.value, StorageError), what
+    sub.close()
+
+
+def test_a_refused_command_is_a_storage_error(r: redis.Redis, prefix: str) -> None:
+    labels = LabelMap(r, prefix)
+    r.set(labels.keys.labels_names, b"not a list")  # WRONGTYPE for every list command
+    with pytest.raises(StoreResponseError, match="WRONGTYPE"):
+        labels.names()
+    with pytest.raises(StoreResponseError):
+        JobQueue(r, prefix).submit(images(1, 1), ["a"])
+
+
+def test_no_module_outside_storage_imports_redis() -> None:
+    found = [
+        f"{path.relative_to(REPO)}:{n}"
+        for folder in ("server", "learner", "loadtest", "scripts")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if line.strip().startswith(("import redis", "from redis"))
+    ]
+    assert found == []

@@ -1,5 +1,6 @@
-"""Redis killed (SIGKILL) in the middle of a memory replacement, then restarted from its
-append-only file: the memory read back is the old one or the new one, whole."""
+"""Redis killed (SIGKILL) in the middle of a memory replacement (a new generation written
+and the old one collected, in one transaction, as a commit does), then restarted from its
+append-only file: the memory read back is the old generation or the new one, whole."""
 
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 
 from storage import ExemplarStore, JobQueue, close, connect, rewrite_aof
-from tests.test_storage_support import (  # noqa: F401  (fixtures are used by name)
-    RedisProcess,
-    fixture_redis_process,
-    images,
-)
+from tests.test_storage_support import RedisProcess, images
+
+pytestmark = pytest.mark.integration
 
 CLASSES, PER_CLASS, CHW = 20, 100, (3, 32, 32)  # 6 MB per memory
 
@@ -39,6 +39,27 @@ def _matches(back: dict[int, np.ndarray], memory: dict[int, np.ndarray]) -> bool
     return back.keys() == memory.keys() and all(np.array_equal(back[k], memory[k]) for k in memory)
 
 
+def _stage_replacement(
+    ex: ExemplarStore, pipe: redis.client.Pipeline, memory: dict[int, np.ndarray], generation: int
+) -> None:
+    """Queue `memory` as `generation` and the removal of every other generation."""
+    ex.stage_write(pipe, ex.prepare(memory, generation))
+    ex.stage_delete(pipe, [g for g in ex.generations() if g != generation])
+
+
+def _replace(ex: ExemplarStore, memory: dict[int, np.ndarray], generation: int) -> None:
+    pipe = ex.r.pipeline(transaction=True)
+    _stage_replacement(ex, pipe, memory, generation)
+    pipe.execute()
+
+
+def _only(ex: ExemplarStore) -> int:
+    """The one generation stored."""
+    gens = ex.generations()
+    assert len(gens) == 1, f"generations {gens}: the replacement was not one unit"
+    return gens[0]
+
+
 def _start_replacement(
     url: str, memory: dict[int, np.ndarray], version: int
 ) -> tuple[threading.Thread, list[BaseException]]:
@@ -49,7 +70,7 @@ def _start_replacement(
         r = connect(url)
         ex = ExemplarStore(r, "crash")
         pipe = r.pipeline(transaction=True)
-        ex.stage(pipe, ex.prepare(memory, version))
+        _stage_replacement(ex, pipe, memory, version)
         ready.set()
         try:
             pipe.execute()
@@ -64,7 +85,7 @@ def _start_replacement(
 
 def test_memory_survives_kill_during_replacement(redis_process: RedisProcess) -> None:
     r = connect(redis_process.url)
-    ExemplarStore(r, "crash").replace_all(_memory(0), version=0)
+    _replace(ExemplarStore(r, "crash"), _memory(0), 0)
     writer, _ = _start_replacement(redis_process.url, _memory(0), 0)
     t = time.perf_counter()
     writer.join()
@@ -84,7 +105,8 @@ def test_memory_survives_kill_during_replacement(redis_process: RedisProcess) ->
 
         r = connect(redis_process.url)
         ex = ExemplarStore(r, "crash")
-        back, got = ex.read_all(), ex.version()
+        got = _only(ex)
+        back = ex.read(got)
         if got == version:
             assert _matches(back, new), f"round {version}: new version number, mixed content"
             committed = version
@@ -95,7 +117,7 @@ def test_memory_survives_kill_during_replacement(redis_process: RedisProcess) ->
             )
             assert _matches(back, _memory(committed)), f"round {version}: old memory not whole"
             outcomes["old"] += 1
-        assert ex.counts() == {k: PER_CLASS for k in back}
+        assert ex.counts(got) == {k: PER_CLASS for k in back}
         r.close()
     # Not asserted (timing decides), but shown with -s: normally both outcomes occur.
     print(f"kill outcomes: {outcomes}; one replacement took {took * 1000:.0f} ms")
@@ -113,7 +135,7 @@ def test_memory_survives_a_torn_append_only_file(redis_process: RedisProcess) ->
     old memory is whole, and later transactions do not resurrect the torn one."""
     r = connect(redis_process.url)
     ex = ExemplarStore(r, "crash")
-    ex.replace_all(_memory(0), version=0)
+    _replace(ex, _memory(0), 0)
     r.close()
     redis_process.kill()
     saved = {p.name: p.read_bytes() for p in (redis_process.workdir / "appendonlydir").iterdir()}
@@ -128,7 +150,7 @@ def test_memory_survives_a_torn_append_only_file(redis_process: RedisProcess) ->
             key=lambda p: p.stat().st_mtime,
         )
         before = incr.stat().st_size
-        ExemplarStore(r, "crash").replace_all(_memory(1), version=1)
+        _replace(ExemplarStore(r, "crash"), _memory(1), 1)
         r.close()
         redis_process.kill()
         _tear_last_transaction(incr, before, fraction)
@@ -136,7 +158,7 @@ def test_memory_survives_a_torn_append_only_file(redis_process: RedisProcess) ->
         redis_process.start()
         r = connect(redis_process.url)
         ex = ExemplarStore(r, "crash")
-        assert ex.version() == 0 and _matches(ex.read_all(), _memory(0)), f"torn at {fraction}"
+        assert _only(ex) == 0 and _matches(ex.read(0), _memory(0)), f"torn at {fraction}"
         rewrite_aof(r)
         # Another transaction, then a restart: the memory is still memory 0.
         JobQueue(r, "crash").submit(images(1, 1), ["x"])
@@ -145,9 +167,7 @@ def test_memory_survives_a_torn_append_only_file(redis_process: RedisProcess) ->
         redis_process.start()
         r = connect(redis_process.url)
         ex = ExemplarStore(r, "crash")
-        assert ex.version() == 0 and _matches(ex.read_all(), _memory(0)), (
-            f"resurrected at {fraction}"
-        )
+        assert _only(ex) == 0 and _matches(ex.read(0), _memory(0)), f"resurrected at {fraction}"
         assert r.xlen("crash:jobs") == 1
         r.close()
         redis_process.kill()
@@ -157,20 +177,20 @@ def test_embedded_server_repairs_a_torn_append_only_file(tmp_path: Path) -> None
     data_dir = tmp_path / "data"
     aof = data_dir / "redis" / "appendonly.aof"
     r = connect(None, data_dir)
-    ExemplarStore(r, "crash").replace_all(_memory(0), version=0)
+    _replace(ExemplarStore(r, "crash"), _memory(0), 0)
     before = aof.stat().st_size
-    ExemplarStore(r, "crash").replace_all(_memory(1), version=1)
+    _replace(ExemplarStore(r, "crash"), _memory(1), 1)
     _kill_embedded(r)
     _tear_last_transaction(aof, before, 0.5)
 
     r = connect(None, data_dir)  # loads the torn file, then rewrites it
-    assert ExemplarStore(r, "crash").version() == 0
+    assert ExemplarStore(r, "crash").generations() == [0]
     JobQueue(r, "crash").submit(images(1, 1), ["x"])
     _kill_embedded(r)
     r = connect(None, data_dir)
     try:
         ex = ExemplarStore(r, "crash")
-        assert ex.version() == 0 and _matches(ex.read_all(), _memory(0))
+        assert _only(ex) == 0 and _matches(ex.read(0), _memory(0))
         assert r.xlen("crash:jobs") == 1
     finally:
         close(r)

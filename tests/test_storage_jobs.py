@@ -1,4 +1,5 @@
-"""Update jobs on a Redis Stream, and the transaction that ends a learning step."""
+"""Update jobs on a Redis Stream (with the label registration of a submission), and the
+transaction that ends a learning step (with its memory generations)."""
 
 from __future__ import annotations
 
@@ -23,23 +24,22 @@ from storage import (
     JobStateError,
     JobTooLargeError,
     JobValidationError,
+    LabelMap,
+    LabelValidationError,
+    MemoryGenerationError,
     Storage,
+    StoreUnavailableError,
     UnknownJobError,
     next_announcement,
     open_storage,
 )
 from storage.keys import JOB_GROUP
-from tests.test_storage_support import (  # noqa: F401  (fixtures are used by name)
-    TEST_REDIS_URL,
-    fixture_embedded_redis,
-    fixture_machine_redis,
-    fixture_prefix,
-    fixture_r,
-    images,
-    prefix_keys,
-)
+from tests.test_storage_support import TEST_REDIS_URL, images, prefix_keys
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec"),
+]
 
 
 def _stream_len(q: JobQueue) -> int:
@@ -63,6 +63,9 @@ def test_submit_claim_complete(r: redis.Redis, prefix: str) -> None:
     job = q.claim("w1", block_ms=0)
     assert job is not None and job.id == jid and job.attempts == 1
     assert np.array_equal(job.samples, images(3, 1)) and job.labels == ["cat", "dog", "cat"]
+    # The names were registered when the job was queued; the job carries their indices.
+    assert job.class_indices == {"cat": 0, "dog": 1} and job.indices == [0, 1, 0]
+    assert LabelMap(r, prefix).names() == ["cat", "dog"]
     q.mark_running(jid)
     assert q.status(jid).state == "running" and q.status(jid).started is not None
     assert q.pending() == 1
@@ -106,6 +109,63 @@ def test_concurrent_submissions_none_lost_in_order(r: redis.Redis, prefix: str) 
     # ... hence each producer's jobs in the order it posted them.
     for p in range(4):
         assert [o["seq"] for o in stream_order if o["producer"] == p] == list(range(8))
+
+
+def test_submit_registers_labels_with_the_job_in_one_transaction(
+    r: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q = JobQueue(r, prefix)
+    labels = LabelMap(r, prefix)
+    labels.get_or_add(["cat"])
+    # `classes` fixes the order in which new names get their indices.
+    job = q.submit_job(images(3, 1), ["dog", "bird", "cat"], classes=["bird", "cat", "dog"])
+    assert job.classes == ["bird", "cat", "dog"] and job.new_classes == ["bird", "dog"]
+    assert job.class_indices == {"bird": 1, "cat": 0, "dog": 2}
+    assert labels.names() == ["cat", "bird", "dog"]
+    assert q.status(job.job_id).classes == ["bird", "cat", "dog"]
+    claimed = q.claim("w", block_ms=0)
+    assert claimed is not None and claimed.indices == [2, 1, 0]
+
+    # Refused or failed submissions leave no name and no job.
+    before = prefix_keys(r, prefix), labels.names()
+    for samples, names, classes, error in [
+        (images(1, 2), ["fish"], ["fish", "cow"], JobValidationError),
+        (images(1, 2), ["fish"], ["fish", "fish"], JobValidationError),
+        (images(1, 2), [" fish"], None, LabelValidationError),
+        (images(600, 2), ["fish"] * 600, None, JobTooLargeError),
+    ]:
+        with pytest.raises(error):
+            JobQueue(r, prefix, max_job_bytes=100_000).submit(samples, names, classes=classes)
+        assert (prefix_keys(r, prefix), labels.names()) == before
+
+    def lost(*_: object) -> None:  # the connection drops before EXEC
+        raise StoreUnavailableError("the store (Redis) is unreachable: simulated")
+
+    monkeypatch.setattr(q, "_stage_submit", lost)
+    with pytest.raises(StoreUnavailableError):
+        q.submit(images(1, 3), ["fish"])
+    assert (prefix_keys(r, prefix), labels.names()) == before
+
+
+def test_concurrent_submissions_agree_on_label_indices(r: redis.Redis, prefix: str) -> None:
+    names = [f"class-{i}" for i in range(12)]
+    jobs: list[dict[str, int]] = []
+
+    def producer(seed: int) -> None:
+        own = JobQueue(r, prefix)
+        order = list(np.random.default_rng(seed).permutation(names))
+        for i in range(0, len(order), 3):
+            chunk = [str(n) for n in order[i : i + 3]]
+            jobs.append(own.submit_job(images(len(chunk), seed), chunk).class_indices)
+
+    threads = [threading.Thread(target=producer, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = {n: i for i, n in enumerate(LabelMap(r, prefix).names())}
+    assert sorted(final.values()) == list(range(12))  # one index per name, no gaps
+    assert len(jobs) == 16 and all(final[n] == i for job in jobs for n, i in job.items())
 
 
 def test_dead_worker_job_is_reclaimed_and_completes_once(r: redis.Redis, prefix: str) -> None:
@@ -286,7 +346,9 @@ def test_commit_step_is_one_transaction(storage: Storage) -> None:
         res = st.commit_step(job.id, st.versions.next_version(), _weights(1), {"step": 1}, memory)
         assert (res.version, res.tag, res.served) == (1, "bsce-classifier:v1", True)
         assert st.jobs.status(jid).state == "done" and st.jobs.status(jid).version == 1
-        assert st.exemplars.version() == 1 and st.exemplars.counts() == {0: 2, 1: 2}
+        assert st.versions.info(1).memory_generation == 1
+        assert st.exemplars.generations() == [0, 1] and st.exemplars.counts(1) == {0: 2, 1: 2}
+        assert np.array_equal(st.versions.memory(1)[0], memory[0])
         assert st.versions.current() == 1 and st.versions.version_for_job(jid) == 1
         a = next_announcement(sub, 2.0)
         assert a is not None and (a.event, a.version, a.previous) == ("set", 1, 0)
@@ -298,7 +360,7 @@ def test_commit_step_is_one_transaction(storage: Storage) -> None:
         assert st.jobs.claim("w1") is not None
         res = st.commit_step(jid2, st.versions.next_version(), _weights(2), {}, {2: images(1, 7)})
         assert (res.version, res.served) == (2, False)
-        assert st.versions.current() == 0 and st.exemplars.version() == 2
+        assert st.versions.current() == 0 and st.exemplars.generations() == [0, 1, 2]
         assert next_announcement(sub, 0.2) is None
     finally:
         sub.close()
@@ -316,8 +378,44 @@ def test_commit_step_refuses_a_finished_job(storage: Storage) -> None:
     with pytest.raises((JobStateError, ValueError)):
         st.commit_step(jid, st.versions.next_version(), _weights(9), {}, {0: images(1, 9)})
     assert [i.version for i in st.versions.list()] == [0, 1]
-    assert st.exemplars.version() == 1 and st.versions.current() == 1
+    assert st.exemplars.generations() == [0, 1] and st.versions.current() == 1
+    assert np.array_equal(st.versions.memory(1)[0], images(1, 3))
     assert len(st.versions.model_store.list("bsce-classifier")) == 2  # its files are gone
+
+
+def _commit(st: Storage, memory: dict[int, np.ndarray]) -> int:
+    jid = st.jobs.submit(images(1, 1), ["a"])
+    job = st.jobs.claim("w1")
+    assert job is not None and job.id == jid
+    return st.commit_step(jid, st.versions.next_version(), _weights(9), {}, memory).version
+
+
+def test_commit_collects_the_generations_no_version_needs(storage: Storage) -> None:
+    st = storage
+    st.versions.ensure_initial(lambda: (_weights(0), {}))
+    for v in (1, 2, 3):
+        assert _commit(st, {0: images(v, v)}) == v
+    assert st.exemplars.generations() == [0, 1, 2, 3]  # all in the history or current
+    assert st.versions.rollback() == 2 and st.versions.rollback() == 1
+    # 2 and 3 are kept until the next commit: 3 is the newest, and 2 could be pinned again.
+    assert st.exemplars.generations() == [0, 1, 2, 3]
+    assert _commit(st, {0: images(4, 4)}) == 4
+    # Current 4, history [1, 0], newest 4: the memories of 2 and 3 are gone.
+    assert st.exemplars.generations() == [0, 1, 4]
+    assert np.array_equal(st.versions.memory(1)[0], images(1, 1))  # a rollback finds it
+    for gone in (2, 3):
+        with pytest.raises(MemoryGenerationError, match="garbage-collected"):
+            st.versions.memory(gone)
+    assert st.versions.memory_info(2) is None
+
+    # Pinned: the pinned version keeps its memory; versions saved behind the pin keep
+    # theirs while they are the newest.
+    st.versions.pin(1)
+    assert _commit(st, {0: images(5, 5)}) == 5
+    assert _commit(st, {0: images(6, 6)}) == 6
+    assert st.exemplars.generations() == [0, 1, 4, 6]  # 5: neither newest, pinned nor history
+    st.versions.unpin()
+    assert st.versions.current() == 6 and st.versions.collect_memory() == []
 
 
 _KILLED_WORKER = textwrap.dedent(
@@ -375,12 +473,12 @@ def r_pending(r: redis.Redis, st: Storage) -> int:
 
 
 def test_exemplar_store_and_jobs_share_nothing_across_prefixes(r: redis.Redis, prefix: str) -> None:
-    ExemplarStore(r, prefix).replace_all({0: images(1, 1)}, 1)
+    ExemplarStore(r, prefix).write(1, {0: images(1, 1)})
     q = JobQueue(r, prefix)
     q.submit(images(1, 1), ["a"])
     other = prefix + "-other"
     try:
-        assert ExemplarStore(r, other).read_all() == {}
+        assert ExemplarStore(r, other).generations() == []
         assert JobQueue(r, other).claim("w", block_ms=0) is None
     finally:
         for k in prefix_keys(r, other):

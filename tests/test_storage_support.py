@@ -1,7 +1,6 @@
-"""Fixtures and helpers shared by the storage tests (imported by tests/test_storage*.py).
-
-Fixtures are defined as ``fixture_<name>`` with ``name=<name>`` so that test modules can
-import them without shadowing the parameter names (the project keeps no conftest for us).
+"""Helpers shared by the storage tests (tests/test_storage*.py) and others; no tests here.
+Their fixtures (``machine_redis``, ``embedded_redis``, ``r``, ``prefix``, ``redis_process``)
+are in tests/conftest.py.
 
 Every test works under its own key prefix, so runs that share the machine's Redis database
 13 (or the embedded server) never see each other's keys; teardown deletes that prefix's
@@ -16,15 +15,13 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
-from storage import close, connect
+from storage import connect
 
 TEST_REDIS_URL = os.environ.get("BSCE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -53,33 +50,6 @@ def require_redis(url: str) -> redis.Redis:
         r.close()
         pytest.fail(f"no Redis at {url} ({e}); `make test` starts one (scripts/ensure_redis.sh)")
     return r
-
-
-@pytest.fixture(name="machine_redis", scope="session")
-def fixture_machine_redis() -> Iterator[redis.Redis]:
-    r = require_redis(TEST_REDIS_URL)
-    yield r
-    r.close()
-
-
-@pytest.fixture(name="embedded_redis", scope="session")
-def fixture_embedded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    r = connect(None, tmp_path_factory.mktemp("embedded"))
-    yield r
-    close(r)
-
-
-@pytest.fixture(name="r", params=["machine", "embedded"])
-def fixture_r(request: pytest.FixtureRequest) -> redis.Redis:
-    """Each test using it runs against the machine's Redis (db 13) and the embedded one."""
-    return request.getfixturevalue(f"{request.param}_redis")
-
-
-@pytest.fixture(name="prefix")
-def fixture_prefix(r: redis.Redis) -> Iterator[str]:
-    p = f"bsce-test-{uuid.uuid4().hex[:12]}"
-    yield p
-    drop_prefix(r, p)
 
 
 def free_port() -> int:
@@ -128,13 +98,3 @@ class RedisProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
         self.proc = None
-
-
-@pytest.fixture(name="redis_process")
-def fixture_redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
-    if not Path(REDIS_SERVER).exists():
-        pytest.fail("the fault tests start their own redis-server, which is not installed")
-    rp = RedisProcess(tmp_path)
-    rp.start()
-    yield rp
-    rp.kill()

@@ -63,12 +63,13 @@ def _storage(env: dict[str, str]) -> Storage:
 def _config(epochs: int = 1) -> WorkerConfig:
     step = StepConfig(
         model=ModelConfig(backbone="resnet8"),
-        optim=OptimConfig(epochs=epochs, batch_size=32),
+        optim=OptimConfig(epochs=epochs, min_steps=0, batch_size=32),
         memory=MemoryConfig(mode="fixed_total", size=40),
     )
-    return WorkerConfig(step=step, seed=5, claim_timeout_s=2.0, poll_ms=100)
+    return WorkerConfig(step=step, seed=5, claim_timeout_s=2.0, poll_ms=100, base_model=None)
 
 
+@pytest.mark.integration
 def test_two_steps_posted_as_jobs_become_two_versions(env, subset):
     storage = _storage(env)
     worker = Worker(storage, _config(), CPU, consumer="w1")
@@ -90,9 +91,53 @@ def test_two_steps_posted_as_jobs_become_two_versions(env, subset):
     # Step 2 trained on 40 new images per class and the 20 exemplars each old class kept
     # (2,000-style fixed total of 40 over 2 classes); then every class shrinks to 40 // 4.
     assert meta["counts"] == [20, 20, 40, 40]
-    assert storage.exemplars.counts() == {0: 10, 1: 10, 2: 10, 3: 10}
-    assert storage.exemplars.version() == 2
+    # The new memory is version 2's generation in Redis; the version's files hold weights,
+    # class means and the random stream only.
+    assert meta["memory_generation"] == 2
+    assert storage.versions.memory_info(2).counts == {0: 10, 1: 10, 2: 10, 3: 10}
+    assert not any(k.startswith("memory.") for k in tensors) and "rng.state" in tensors
     assert storage.labels.names() == list(subset.train.class_names[:4])
+
+
+@pytest.mark.integration
+def test_the_next_step_trains_on_the_memory_in_redis(env, subset):
+    """Redis is the one source of the exemplar memory: edit the generation of version 1 and
+    step 2 trains on (and keeps) the edited memory."""
+    storage = _storage(env)
+    worker = Worker(storage, _config(), CPU, consumer="w1")
+    worker.ensure_initial_version()
+    storage.jobs.submit(*_samples(subset, [0, 1]))
+    assert worker.run(once=True) == 1
+    memory = storage.versions.memory(1)
+    assert {c: len(x) for c, x in memory.items()} == {0: 20, 1: 20}
+
+    # Class 0 keeps 3 exemplars, each one inverted; class 1 is left as it was.
+    edited = {0: 255 - memory[0][:3], 1: memory[1]}
+    storage.exemplars.write(1, edited)
+    storage.jobs.submit(*_samples(subset, [2, 3]))
+    assert worker.run(once=True) == 1
+    meta = storage.versions.metadata(2)
+    assert meta["counts"] == [3, 20, 40, 40]  # 20 without the edit (see the test above)
+    assert meta["report"]["counts"] == [3, 20, 40, 40]
+    after = storage.versions.memory(2)
+    # Class 0 is under its new quota (40 // 4 = 10): it keeps the edited images themselves.
+    assert np.array_equal(after[0], edited[0])
+    assert np.array_equal(after[1], memory[1][:10])
+
+
+@pytest.mark.integration
+def test_a_step_on_a_version_without_its_memory_fails_clearly(env, subset):
+    storage = _storage(env)
+    worker = Worker(storage, _config(), CPU, consumer="w1")
+    worker.ensure_initial_version()
+    storage.exemplars.delete(0)  # as if garbage-collected
+    job = storage.jobs.submit(*_samples(subset, [0], per_class=5))
+    for _ in range(3):
+        worker.run(once=True)
+    status = storage.jobs.status(job)
+    assert status.state == "failed" and "MemoryGenerationError" in (status.error or "")
+    assert "generation 0" in (status.error or "") and "garbage-collected" in (status.error or "")
+    assert [v.version for v in storage.versions.list()] == [0]
 
 
 def test_overrides_are_validated():
@@ -109,6 +154,10 @@ def _start_worker(env: dict[str, str], consumer: str, epochs: int) -> subprocess
         sys.executable,
         "-m",
         "learner.worker",
+        "--base-model",
+        "none",
+        "--min-steps",
+        "0",
         "--backbone",
         "resnet8",
         "--epochs",
@@ -141,6 +190,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.integration
 def test_killed_worker_job_is_claimed_again_and_its_version_appears_once(env, subset):
     storage = _storage(env)
     job = storage.jobs.submit(*_samples(subset, [0, 1], per_class=100))
@@ -166,6 +216,7 @@ def test_killed_worker_job_is_claimed_again_and_its_version_appears_once(env, su
     assert storage.jobs.pending() == 0
 
 
+@pytest.mark.integration
 def test_sigterm_finishes_the_step_then_exits(env, subset):
     storage = _storage(env)
     job = storage.jobs.submit(*_samples(subset, [0, 1]))
@@ -182,6 +233,7 @@ def test_sigterm_finishes_the_step_then_exits(env, subset):
     assert storage.versions.current() == 1
 
 
+@pytest.mark.integration
 def test_failing_job_is_marked_failed_and_stays_inspectable(env, subset):
     storage = _storage(env)
     worker = Worker(storage, _config(), CPU, consumer="w")

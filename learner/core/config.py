@@ -7,9 +7,11 @@ choices that are ours rather than the paper's are marked as such.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from learner.core.methods import DEFAULT_METHOD, MethodName
 
 
 class _Frozen(BaseModel):
@@ -21,7 +23,13 @@ class OptimConfig(_Frozen):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=1)
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(4, ge=1)
+    # Ours: a step trains for at least this many optimizer steps (whole epochs, rounded up),
+    # so a post of 20 or 100 images gets as many updates as it needs to be learnt (4 epochs of
+    # 100 images and 1,200 exemplars are 44 steps); 0 leaves the budget to ``epochs`` alone.
+    # A benchmark step of 10,000 images has 79 batches an epoch, so from 2 epochs on this
+    # changes nothing there. README, "Choosing the recipe", has the measurements.
+    min_steps: int = Field(150, ge=0)
     # Ours: the papers use multi-step decay over 70-160 epochs; with the few epochs a CPU
     # allows, cosine annealing per step converges more reliably. "multistep" is available.
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
@@ -36,12 +44,16 @@ class DistillConfig(_Frozen):
     Ours where the paper body could not be read: the total loss is
     ``(1 - lambda) * classification + lambda * T^2 * KL(teacher/T || student/T)`` over the old
     classes' logits (as in End-to-End Incremental Learning and BiC), with ``lambda = old / seen``
-    classes when ``weight == "adaptive"``.
+    classes when ``weight == "adaptive"``, capped at ``weight_cap``, or a fixed ``weight``.
     """
 
     enabled: bool = True
     temperature: float = Field(2.0, gt=0)
     weight: float | Literal["adaptive"] = "adaptive"
+    # Upper bound on the adaptive weight: with one new class among many old ones, old/seen
+    # approaches 1 and leaves the classification loss too little weight to learn the class.
+    # README, "Choosing the recipe": 0.5 is ours, measured.
+    weight_cap: float = Field(0.5, ge=0, le=1)
     # LUCIR-style cosine feature distillation, added on top with this weight (0 = off).
     feature_weight: float = Field(0.0, ge=0)
 
@@ -51,22 +63,65 @@ class DistillConfig(_Frozen):
             raise ValueError("distill.weight must lie in [0, 1] or be 'adaptive'")
         return self
 
+    def weight_for(self, old_classes: int, seen_classes: int) -> float:
+        """lambda for a step that adds classes to ``old_classes`` of ``seen_classes``."""
+        if self.weight != "adaptive":
+            return float(self.weight)
+        share = old_classes / seen_classes if seen_classes else 0.0
+        return min(share, self.weight_cap)
+
+
+class PriorConfig(_Frozen):
+    """The Balanced Softmax's log-prior, ``tau * log n`` (the paper's is ``tau = 1``; ``tau = 0``
+    is plain cross-entropy), and what an old class without a sample this step counts for."""
+
+    tau: float = Field(1.0, ge=0)
+    # "masked": log n = -inf, the class leaves the step's softmax (DESIGN.md §1); a number:
+    # a virtual count, so that new classes are still set against the old ones (ours).
+    absent: Literal["masked"] | float = "masked"
+
+    @model_validator(mode="after")
+    def _positive_count(self) -> PriorConfig:
+        if isinstance(self.absent, float) and self.absent <= 0:
+            raise ValueError("prior.absent must be 'masked' or a positive virtual count")
+        return self
+
+
+MemoryMode = Literal["fixed_total", "fixed_per_class", "none"]
+
 
 class MemoryConfig(_Frozen):
     """Exemplar memory. The budget mode is explicit because libraries use one flag name
-    (``fixed_memory``) for opposite meanings."""
+    (``fixed_memory``) for opposite meanings. Size 0 means no memory, whatever the mode
+    asked for, so that any preset switches to the memory-free setting with ``size=0``."""
 
-    mode: Literal["fixed_total", "fixed_per_class", "none"] = "fixed_total"
+    mode: MemoryMode = "fixed_total"
     size: int = Field(2000, ge=0, description="total exemplars, or exemplars per class")
     selection: Literal["herding", "random"] = "herding"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_zero_is_none(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("size") == 0:
+            return {**data, "mode": "none"}
+        return data
 
     @model_validator(mode="after")
     def _none_means_zero(self) -> MemoryConfig:
         if self.mode == "none" and self.size != 0:
             raise ValueError("memory mode 'none' takes size 0")
-        if self.mode != "none" and self.size == 0:
-            raise ValueError("memory size 0 needs mode 'none'")
         return self
+
+    def quota(self, seen_classes: int) -> int:
+        """Exemplars kept per class once ``seen_classes`` classes have been learnt:
+        fixed_total M -> M // seen, fixed_per_class m -> m, none -> 0."""
+        if seen_classes < 0:
+            raise ValueError(f"seen_classes must be >= 0, got {seen_classes}")
+        if self.mode == "none" or seen_classes == 0:
+            return 0
+        if self.mode == "fixed_total":
+            return self.size // seen_classes
+        return self.size
 
 
 class AugmentConfig(_Frozen):
@@ -87,10 +142,11 @@ class ModelConfig(_Frozen):
 class StepConfig(_Frozen):
     """Everything one incremental step needs besides data, model, memory, device and RNG."""
 
-    method: Literal["bsce", "ce"] = "bsce"
+    method: MethodName = DEFAULT_METHOD
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     distill: DistillConfig = DistillConfig()
+    prior: PriorConfig = PriorConfig()
     memory: MemoryConfig = MemoryConfig()
     augment: AugmentConfig = AugmentConfig()
     eval_batch_size: int = Field(128, ge=1)
