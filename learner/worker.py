@@ -211,7 +211,9 @@ class Worker:
             step_config,
             device=self.device,
             generator=parent.generator,
-            on_epoch=lambda e, n, loss: self._on_epoch(job.id, heartbeat, e, n, loss),
+            on_epoch=lambda e, n, loss: self._on_epoch(
+                job.id, heartbeat, e, n, loss, step_config.optim.min_steps
+            ),
         )
 
     def _payload(
@@ -244,11 +246,18 @@ class Worker:
         )
 
     def _on_epoch(
-        self, job_id: str, heartbeat: _Heartbeat, epoch: int, epochs: int, loss: float
+        self,
+        job_id: str,
+        heartbeat: _Heartbeat,
+        epoch: int,
+        epochs: int,
+        loss: float,
+        min_steps: int,
     ) -> None:
-        self.storage.jobs.set_progress(
-            job_id, epoch / epochs, f"epoch {epoch}/{epochs}, loss {loss:.3f}"
-        )
+        # The resolved budget shows as the epoch count; the version's report keeps the rest
+        # (epochs, min_steps, batches_per_epoch, optimizer_steps).
+        note = f"epoch {epoch}/{epochs} (at least {min_steps} optimizer steps), loss {loss:.3f}"
+        self.storage.jobs.set_progress(job_id, epoch / epochs, note)
         self._check_abandon(job_id, heartbeat)
 
     def _check_abandon(self, job_id: str, heartbeat: _Heartbeat) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from learner.core.overrides import JobOverrides
 from storage import JobStatus, VersionInfo
 
 Base64Image = Annotated[
@@ -74,6 +75,14 @@ class PredictResponse(BaseModel):
 # -- learn ---------------------------------------------------------------------------------
 
 
+# The OpenAPI document describes the overrides object field by field (the method as an enum
+# of the registered methods); the server validates it with the same model (JobOverrides).
+_OVERRIDES_SCHEMA: dict[str, Any] = {
+    "properties": JobOverrides.model_json_schema()["properties"],
+    "additionalProperties": False,
+}
+
+
 class LearnRequest(_Request):
     """Labelled images of one or more classes; one label per image."""
 
@@ -87,9 +96,10 @@ class LearnRequest(_Request):
     )
     overrides: dict[str, Any] | None = Field(
         None,
-        description="Per-job training overrides the learner accepts: method, epochs, lr, "
-        "batch_size, distill",
+        description="Per-job training overrides the learner accepts (learner.core.overrides); "
+        "``method`` is one of the registered methods",
         examples=[{"epochs": 2}],
+        json_schema_extra=_OVERRIDES_SCHEMA,
     )
 
 
@@ -100,7 +110,7 @@ class LearnUpload(_Request):
     files: list[Path] = Field(min_length=1)
     labels: list[ClassName] = Field(min_length=1)
     classes: list[ClassName] | None = None
-    overrides: dict[str, Any] | None = None
+    overrides: dict[str, Any] | None = Field(None, json_schema_extra=_OVERRIDES_SCHEMA)
 
 
 class JobAccepted(BaseModel):

@@ -29,8 +29,8 @@ generation = its own number (``memory_generation`` in its metadata and `VersionI
 a step built on version v trains on v's generation (`memory`). Each commit collects the
 generations that no version still needs, in the same transaction. Needed are those of the
 current version, the pinned one, the newest one (what the learner builds on, pinned or
-not) and every version in the pointer history (what `rollback` can return to; at most
-`HISTORY_MAX` entries). Any other version still serves (its weights are in its files), but
+not) and the newest `MEMORY_HISTORY` (20) entries of the pointer
+history (what `rollback` returns to first). Any other version still serves (its weights are in its files), but
 `memory` refuses it with `MemoryGenerationError`: a step is never built on some other
 memory. Pointer moves collect nothing, so a version pinned or set current again before the
 next commit keeps its generation.
@@ -83,6 +83,10 @@ WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.json"
 SAVE_LOCK_MS = 10 * 60 * 1000
 HISTORY_MAX = 1000
+# The pointer history entries whose memory generations are kept: a memory of 2,000 CIFAR
+# exemplars is about 6 MB, and keeping one for every entry of a long history would grow
+# Redis without bound. Older rollback targets still serve; a step on them is refused.
+MEMORY_HISTORY = 20
 
 # Take the save lock of a version when it is free, or when the holder is an earlier attempt
 # of the same job: the queue hands a job out again only once its previous worker is taken
@@ -589,7 +593,9 @@ class VersionStore:
         registered = {int(v) for v in pipe.hkeys(self.keys.versions_registry)}
         if new is not None:
             registered.add(new.version)
-        keep = {after.current, after.pinned, max(registered, default=None), *after.history}
+        # Rollback is a stack: only its top MEMORY_HISTORY entries keep a memory to build on.
+        recent = after.history[:MEMORY_HISTORY]
+        keep = {after.current, after.pinned, max(registered, default=None), *recent}
         keep.discard(None)
         needed = set() if new is None else {new.memory_generation}
         lookup = sorted(v for v in keep if new is None or v != new.version)

@@ -294,21 +294,12 @@ def test_version0_refuses_a_base_that_does_not_fit(tmp_path, base_storage):
 def test_train_writes_a_loadable_base_model(tmp_path, subset):
     out = tmp_path / "trained.safetensors"
     names, per_class = ["cat", "dog", "airplane"], 4
-    summary = main(
-        ["train", "--dataset", "cifar10-subset", "--classes", ",".join(names)]
-        + [
-            "--backbone",
-            "resnet8",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "16",
-            "--max-train-per-class",
-            "24",
-        ]
-        + ["--exemplars-per-class", str(per_class), "--device", "cpu", "--out", str(out)]
-        + ["--threads", "1"]
-    )
+    train = ["train", "--dataset", "cifar10-subset", "--classes", ",".join(names)] + [
+        "--backbone", "resnet8", "--epochs", "2", "--batch-size", "16",
+        "--max-train-per-class", "24", "--exemplars-per-class", str(per_class),
+        "--device", "cpu", "--threads", "1",
+    ]  # fmt: skip
+    summary = main([*train, "--out", str(out)])
 
     tensors, metadata, exemplars = load_base(out)
     assert summary["file"] == str(out) and summary["bytes"] == out.stat().st_size
@@ -329,21 +320,7 @@ def test_train_writes_a_loadable_base_model(tmp_path, subset):
 
     # The same command and seed give the same file contents (one explicit generator).
     again = tmp_path / "again.safetensors"
-    main(
-        ["train", "--dataset", "cifar10-subset", "--classes", ",".join(names)]
-        + [
-            "--backbone",
-            "resnet8",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "16",
-            "--max-train-per-class",
-            "24",
-        ]
-        + ["--exemplars-per-class", str(per_class), "--device", "cpu", "--out", str(again)]
-        + ["--threads", "1"]
-    )
+    main([*train, "--out", str(again)])
     tensors2, _, exemplars2 = load_base(again)
     assert tensors2.keys() == tensors.keys()
     assert all(torch.equal(tensors[k], tensors2[k]) for k in tensors)

@@ -139,3 +139,13 @@ def tiny_step():
     train = load_dataset("cifar10-subset").train
     idx = (train.labels < 2).nonzero().squeeze(1)[::4]
     return StepData(train.images[idx].clone(), train.labels[idx].clone())
+
+
+def test_the_servers_learn_schema_enumerates_the_registered_methods():
+    from server.schemas import LearnRequest, LearnUpload
+
+    for model in (LearnRequest, LearnUpload):
+        field = model.model_json_schema()["properties"]["overrides"]
+        enum = field["properties"]["method"]["anyOf"][0]["enum"]
+        assert tuple(enum) == METHOD_NAMES
+        assert field["additionalProperties"] is False

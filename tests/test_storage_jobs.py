@@ -502,3 +502,19 @@ def test_job_size_limit_from_the_environment(
             open_storage(prefix=prefix)
     monkeypatch.delenv("BSCE_MAX_JOB_BYTES")
     assert open_storage(prefix=prefix).jobs.max_job_bytes == 64 * 1024 * 1024
+
+
+def test_only_the_recent_pointer_history_keeps_its_memory(storage: Storage, monkeypatch) -> None:
+    import storage.versions as versions_module
+
+    monkeypatch.setattr(versions_module, "MEMORY_HISTORY", 2)
+    st = storage
+    st.versions.ensure_initial(lambda: (_weights(0), {}))
+    for v in (1, 2, 3, 4):
+        assert _commit(st, {0: images(v, v)}) == v
+    # Current 4, history [3, 2, 1, 0]: only 3 and 2 of it keep a memory to build on.
+    assert st.exemplars.generations() == [2, 3, 4]
+    assert st.versions.rollback() == 3 and st.versions.rollback() == 2
+    assert np.array_equal(st.versions.memory(2)[0], images(2, 2))
+    with pytest.raises(MemoryGenerationError, match="garbage-collected"):
+        st.versions.memory(1)

@@ -19,6 +19,7 @@ class JobOverrides(BaseModel):
 
     method: MethodName | None = None
     epochs: int | None = Field(None, ge=1, le=200)
+    min_steps: int | None = Field(None, ge=0, le=100_000)
     lr: float | None = Field(None, gt=0, le=10)
     batch_size: int | None = Field(None, ge=1, le=4096)
     distill: bool | None = None
@@ -29,7 +30,12 @@ def apply_overrides(config: StepConfig, overrides: Mapping[str, Any] | None) -> 
     o = JobOverrides.model_validate(dict(overrides or {}))
     optim = {
         k: v
-        for k, v in {"epochs": o.epochs, "lr": o.lr, "batch_size": o.batch_size}.items()
+        for k, v in {
+            "epochs": o.epochs,
+            "min_steps": o.min_steps,
+            "lr": o.lr,
+            "batch_size": o.batch_size,
+        }.items()
         if v is not None
     }
     update: dict[str, Any] = {"optim": config.optim.model_copy(update=optim)}
