@@ -105,13 +105,16 @@ def _learn(url: str, subset: Dataset, names: list[str]) -> None:
     if status != 202:
         raise SystemExit(f"/learn answered {status}: {job}")
     print(f"posted {len(idx)} images of {names}: job {job['job_id']} ({status})", flush=True)
+    last = None
     while True:
         _, st = _http("GET", f"{url}/jobs/{job['job_id']}")
         if st["state"] in ("done", "failed"):
             break
-        note = st.get("progress_note") or ""
-        print(f"  job {st['state']}, progress {st.get('progress') or 0:.0%} {note}", flush=True)
-        time.sleep(3)
+        line = f"  job {st['state']}, progress {st.get('progress') or 0:.0%} {st.get('progress_note') or ''}"
+        if line != last:
+            print(line, flush=True)
+            last = line
+        time.sleep(1)
     if st["state"] != "done":
         raise SystemExit(f"the job failed: {st.get('error')}")
     # Learning latency: until a prediction answers from the new version.

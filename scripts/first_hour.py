@@ -113,7 +113,7 @@ def run_posts(client: Client, args: argparse.Namespace, subset: Dataset, test: A
         old = list(known)
         known += [c for c in post if c not in known]
         acc, version = accuracy_by_class(client, test_images(test, known))
-        detail = client.version_info(version)
+        detail = client.get_json(f"/versions/{version}")
         row = {
             "post": post,
             "images": len(labels),
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.url:
         with Client(args.url, args.token) as client:
             rows = run_posts(client, args, subset, test)
-            base_meta = client.version_info(0)
+            base_meta = client.get_json("/versions/0")
     else:
         with tempfile.TemporaryDirectory(prefix="bsce-first-hour-") as tmp:
             env = {**os.environ, "BSCE_DATA_HOME": f"{tmp}/state", "BENTOML_HOME": f"{tmp}/bentoml"}
@@ -189,14 +189,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 Client(stack.url) as client,
             ):
                 rows = run_posts(client, args, subset, test)
-                base_meta = client.version_info(0)
+                base_meta = client.get_json("/versions/0")
     result: dict[str, Any] = {
         "command": " ".join(["scripts/first_hour.py", *(argv or sys.argv[1:])]),
         "date": dt.date.today().isoformat(),
         "machine": describe_machine(torch.device("cpu")),
         "test_set": args.test,
         "posts": rows,
-        "base": {k: base_meta.get(k) for k in ("class_names", "config", "seed", "base")},
+        "base": {k: base_meta.get(k) for k in ("info", "config", "seed")},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"first_hour_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
