@@ -8,13 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/balance}
 COMMON=(--protocol cifar10-b0-s5 --max-train-per-class 1000 --epochs 3 --min-steps 0 --threads 2 --no-progress)
-run() {
-  local name=$1; shift
-  [ -f "$OUT/$name.done" ] && return 0
-  mkdir -p "$OUT/$name"
-  .venv/bin/python -m learner.bench "${COMMON[@]}" --out "$OUT/$name" "$@" | tee "$OUT/$name.txt"
-  touch "$OUT/$name.done"
-}
+source scripts/bench_runs.sh
 for m in 2000 500; do
   run "m$m-default-orders3" --memory "$m" --orders 3
   run "m$m-today" --memory "$m" --distill-cap 1

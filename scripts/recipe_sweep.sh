@@ -7,13 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/recipe_sweep}
 COMMON=(--protocol cifar10-b0-s5 --max-train-per-class 1000 --epochs 3 --min-steps 0 --threads 2 --no-progress)
-run() {
-  local name=$1; shift
-  [ -f "$OUT/$name.done" ] && return 0
-  mkdir -p "$OUT/$name"
-  .venv/bin/python -m learner.bench "${COMMON[@]}" --out "$OUT/$name" "$@" | tee "$OUT/$name.txt"
-  touch "$OUT/$name.done"
-}
+source scripts/bench_runs.sh
 # "today": the recipe before this change (adaptive lambda uncapped, masked absent classes).
 run m500-bsce-today --memory 500 --distill-cap 1
 run m500-bsce-cap0.5 --memory 500 --distill-cap 0.5
