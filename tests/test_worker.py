@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,7 +198,9 @@ def test_killed_worker_job_is_claimed_again_and_its_version_appears_once(env, su
     victim = _start_worker(env, "victim", epochs=30)
     try:
         _wait(lambda: (storage.jobs.status(job).progress or 0) > 0, 120, "the first epoch")
-        assert storage.jobs.status(job).progress_note.startswith("epoch 1/30")
+        # Which epoch it shows depends on the machine's speed; its budget does not.
+        note = storage.jobs.status(job).progress_note or ""
+        assert re.match(r"epoch \d+/30 \(at least 0 optimizer steps\)", note), note
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
