@@ -26,8 +26,7 @@ def log_prior(
         raise ValueError("class counts must be non-negative")
     if absent != "masked":
         counts = torch.where(counts > 0, counts, torch.full_like(counts, float(absent)))
-    logs = counts.log() if tau == 1.0 else tau * counts.log()
-    return torch.where(counts > 0, logs, torch.full_like(counts, float("-inf")))
+    return torch.where(counts > 0, tau * counts.log(), torch.full_like(counts, float("-inf")))
 
 
 def balanced_softmax_cross_entropy(

@@ -2,8 +2,8 @@
 holds their implementations, one module each, imported on demand.
 
 A method (`Method`, FACIL's "approach") says what differs between recipes and nothing else:
-the logit adjustment it trains with, its classification loss, its distillation terms, the
-classifier it predicts with, and any stage after training. The training loop, data,
+the logit adjustment it trains with, its classification loss, its distillation terms and any
+stage after training (every method is read from the CNN head and from NME alike). The training loop, data,
 augmentation, schedule, memory and random stream are shared (learner.step), so two methods
 run with one seed differ only where their classes differ.
 """

@@ -7,7 +7,7 @@ then ``after_training`` (a second stage, e.g. bias correction; none by default).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
@@ -18,8 +18,6 @@ from learner.losses import feature_distillation, logit_distillation
 
 class Method:
     name: ClassVar[str]
-    # The classifier the method's results are read from ("nme": nearest mean of exemplars).
-    predicts_with: ClassVar[Literal["cnn", "nme"]] = "cnn"
 
     def __init__(self, config: StepConfig) -> None:
         self.config = config
