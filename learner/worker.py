@@ -12,6 +12,19 @@ SIGTERM / SIGINT: a step in progress is finished and committed, then the worker 
 second signal abandons the step and releases the job unfinished (nothing half-written: the
 commit is one transaction). A worker that dies (SIGKILL) leaves its job to be claimed
 again after ``--claim-timeout`` seconds; the retry saves the same version number once.
+
+Store outages. No store error ends the worker: while Redis is unreachable it retries with
+capped exponential backoff (logged), idle or mid-job. A step that is training goes on (its
+progress updates are skipped) and its commit is retried until the store answers; a commit
+whose reply was lost is recognised by its job, so the version is committed exactly once. A
+job interrupted before it had a result is released (no attempt spent) once the store is
+back, and claimed again.
+
+Failures. A failed attempt is retried after a delay that doubles from ``retry_base_s``
+(``BSCE_RETRY_BASE_S``); after 3 attempts the job is failed. A job no retry can fix fails at
+once: a parent version that cannot be loaded (weights, metadata or exemplar memory), or a
+job over the operator's limits (``BSCE_MAX_JOB_STEPS`` optimizer steps, checked before
+training; ``BSCE_MAX_JOB_SECONDS`` of wall time, checked after each epoch).
 """
 
 from __future__ import annotations
@@ -23,11 +36,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -54,11 +67,21 @@ from learner.core.versioning import (
 )
 from learner.data import DATASETS, augment_for
 from learner.exemplars import ExemplarMemory
-from learner.step import StepData, StepResult, train_step
-from storage import Job, JobStateError, Storage
+from learner.step import StepData, StepResult, resolve_budget, train_step
+from storage import (
+    Job,
+    JobStateError,
+    Storage,
+    StorageError,
+    StoreResponseError,
+    StoreUnavailableError,
+    VersionExistsError,
+    VersionLockedError,
+)
 from storage import StepResult as Committed
 
 log = logging.getLogger("bsce.worker")
+T = TypeVar("T")
 
 
 class WorkerConfig(BaseModel):
@@ -75,6 +98,36 @@ class WorkerConfig(BaseModel):
     # A claimed job whose worker shows no sign of life this long is taken over.
     claim_timeout_s: float = Field(120.0, gt=0)
     poll_ms: int = Field(1000, ge=1)
+    # The operator's limits on one job: a resolved budget over max_job_steps optimizer
+    # steps fails before training, a step running longer than max_job_seconds is stopped.
+    # Neither is retried (the same job would hit the same limit).
+    max_job_steps: int = Field(20_000, ge=1)
+    max_job_seconds: float = Field(3600.0, gt=0)
+    # A failed attempt's job waits retry_base_s * 2**(attempt - 1), at most retry_max_s,
+    # before any worker may claim it again, so a transient fault is not met 3 times at once.
+    retry_base_s: float = Field(5.0, ge=0)
+    retry_max_s: float = Field(300.0, ge=0)
+    # While the store is unreachable the worker retries after store_retry_base_s,
+    # doubling up to store_retry_max_s.
+    store_retry_base_s: float = Field(0.5, gt=0)
+    store_retry_max_s: float = Field(30.0, gt=0)
+
+
+def retry_delay(config: WorkerConfig, attempt: int) -> float:
+    """Seconds a job waits for its next attempt after failed attempt `attempt` (1, 2, ...)."""
+    return min(config.retry_max_s, config.retry_base_s * 2 ** min(max(attempt, 1) - 1, 30))
+
+
+class PermanentJobError(Exception):
+    """A job that no retry can fix: it fails at once, with this message in its status."""
+
+
+class ParentUnloadableError(PermanentJobError):
+    """The version a step would build on cannot be loaded (weights, metadata or memory)."""
+
+
+class JobLimitError(PermanentJobError):
+    """A job over the operator's limits (``max_job_steps``, ``max_job_seconds``)."""
 
 
 class Worker:
@@ -115,15 +168,26 @@ class Worker:
             )
 
     def run(self, once: bool = False) -> int:
-        """Process jobs until stopped (or one job with ``once``); the number processed."""
-        self.ensure_initial_version()
+        """Process jobs until stopped (or one job with ``once``); the number processed.
+
+        A store error never ends it: it waits for the store with backoff and goes on."""
+        try:
+            self._until_stored(self.ensure_initial_version, "making version 0", self.stop_requested)
+        except _Abandoned:
+            return 0
         done = 0
+        backoff = self._backoff("waiting for jobs")
         while not self.stop_requested.is_set():
-            job = self.storage.jobs.claim(
-                self.consumer,
-                block_ms=self.config.poll_ms,
-                min_idle_ms=int(self.config.claim_timeout_s * 1000),
-            )
+            try:
+                job = self.storage.jobs.claim(
+                    self.consumer,
+                    block_ms=self.config.poll_ms,
+                    min_idle_ms=int(self.config.claim_timeout_s * 1000),
+                )
+            except StorageError as exc:
+                backoff.wait(exc, self.stop_requested)
+                continue
+            backoff.succeeded()
             if job is None:
                 if once and done:
                     break
@@ -143,19 +207,68 @@ class Worker:
         try:
             return self._run_job(job, heartbeat)
         except _Abandoned:
-            self.storage.jobs.release(job.id)
+            self._settle(job.id, "releasing", lambda: self.storage.jobs.release(job.id))
             log.warning("job %s released unfinished", job.id)
-            return None
-        except (_TakenOver, JobStateError) as exc:
-            # Another worker holds the job now; nothing of ours was committed.
+        except (_TakenOver, JobStateError, VersionExistsError, VersionLockedError) as exc:
+            # Another worker holds the job (or committed it); nothing of ours was committed.
             log.warning("job %s: %s", job.id, exc)
-            return None
+        except StoreUnavailableError as exc:
+            # Lost before the step had a result: hand the job back, no attempt spent.
+            log.warning("job %s: the store went away (%s); it is released once back", job.id, exc)
+            self._settle(job.id, "releasing", lambda: self.storage.jobs.release(job.id))
         except Exception as exc:  # the job's error stays inspectable in its status
-            state = self.storage.jobs.fail(job.id, f"{type(exc).__name__}: {exc}")
-            log.exception("job %s failed (%s)", job.id, state)
-            return None
+            self._fail(job, exc)
         finally:
             heartbeat.stop()
+        return None
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        """Record the failed attempt: retried after a delay, or failed now when no retry
+        can help."""
+        permanent = isinstance(exc, PermanentJobError)
+        delay = 0.0 if permanent else retry_delay(self.config, job.attempts)
+        state = self._settle(
+            job.id,
+            "failing",
+            lambda: self.storage.jobs.fail(
+                job.id, f"{type(exc).__name__}: {exc}", retry_after_s=delay, permanent=permanent
+            ),
+        )
+        if permanent:
+            log.error("job %s failed, not retried: %s", job.id, exc)
+        elif state == "queued":
+            log.exception("job %s: attempt failed; next attempt in %.1f s", job.id, delay)
+        else:
+            log.exception("job %s failed (%s)", job.id, state)
+
+    def _settle(self, job_id: str, what: str, call: Callable[[], T]) -> T | None:
+        """A job's last word (fail, release), retried until the store answers. Given up
+        only on a second signal: the job is then claimed again after the claim timeout."""
+        try:
+            return self._until_stored(call, f"{what} job {job_id}", self.abandon)
+        except _Abandoned:
+            log.warning("job %s: stopped before the store came back; left to be reclaimed", job_id)
+        except StorageError as exc:
+            log.error("job %s: %s it failed: %s", job_id, what, exc)
+        return None
+
+    def _until_stored(self, call: Callable[[], T], what: str, give_up: threading.Event) -> T:
+        """`call()`, retried with backoff while the store is unreachable; `_Abandoned` when
+        `give_up` is set first."""
+        backoff = self._backoff(what)
+        while True:
+            try:
+                result = call()
+            except StoreUnavailableError as exc:
+                if give_up.is_set():
+                    raise _Abandoned(what) from exc
+                backoff.wait(exc, give_up)
+                continue
+            backoff.succeeded()
+            return result
+
+    def _backoff(self, what: str) -> _Backoff:
+        return _Backoff(self.config.store_retry_base_s, self.config.store_retry_max_s, what)
 
     def _run_job(self, job: Job, heartbeat: _Heartbeat) -> int:
         """Load the parent, train, commit: the version the job produced."""
@@ -166,26 +279,81 @@ class Worker:
             self.storage.jobs.complete(job.id, done)
             return done
         self.storage.jobs.mark_running(job.id)
+        deadline = time.monotonic() + self.config.max_job_seconds
         step_config = apply_overrides(self.config.step, job.overrides)
         version = self.storage.versions.next_version()
+        # Read now: after training the store may be away, and the map is append-only.
+        names = self.storage.labels.names()
         with timings.measure("load"):
             parent = self._load_parent(version)
-        result = self._train(job, parent, step_config, heartbeat)
-        tensors, metadata = self._payload(result, parent, step_config)
+        self._check_budget(job, parent, step_config)
+        run = _Run(job.id, heartbeat, deadline, step_config.optim.min_steps)
+        result = self._train(job, parent, step_config, run)
+        tensors, metadata = self._payload(result, parent, step_config, names)
         with timings.measure("commit"):
-            committed = self.storage.commit_step(
-                job.id, version, tensors, metadata, _arrays(result.memory), reason=f"job {job.id}"
-            )
+            committed = self._commit(job, version, tensors, metadata, result.memory)
         timings.log(committed, result.report.wall_seconds)
         return committed.version
 
+    def _commit(
+        self,
+        job: Job,
+        version: int,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, Any],
+        memory: ExemplarMemory,
+    ) -> Committed:
+        """Commit the step, retried while the store is unreachable, so that an outage does
+        not cost a trained step; a try whose reply was lost is found by its job id, so the
+        version is committed once."""
+
+        def attempt() -> Committed:
+            done = self.storage.versions.version_for_job(job.id)
+            if done is not None:
+                self.storage.jobs.complete(job.id, done)
+                served = self.storage.versions.current() == done
+                return Committed(version=done, tag=self.storage.versions.tag(done), served=served)
+            return self.storage.commit_step(
+                job.id, version, tensors, metadata, _arrays(memory), reason=f"job {job.id}"
+            )
+
+        return self._until_stored(attempt, f"committing job {job.id}", self.abandon)
+
+    def _check_budget(self, job: Job, parent: _Parent, step_config: StepConfig) -> None:
+        """Refuse, before training, a job whose resolved budget is over the operator's limit
+        (its samples and the parent's exemplars are what the step trains on)."""
+        budget = resolve_budget(step_config.optim, len(job.labels) + len(parent.memory))
+        limit = self.config.max_job_steps
+        if budget.steps > limit:
+            raise JobLimitError(
+                f"the job's budget of {budget.steps} optimizer steps ({budget.epochs} epochs of "
+                f"{budget.batches} batches) exceeds the operator's limit of {limit} "
+                "(BSCE_MAX_JOB_STEPS); post fewer epochs, fewer steps or a larger batch size"
+            )
+
     def _load_parent(self, version: int) -> _Parent:
         """What step `version` builds on: the served version or, while a pin holds serving
-        still, the newest (learning goes on behind a pin), with its memory generation."""
+        still, the newest (learning goes on behind a pin), with its memory generation.
+
+        A parent that cannot be loaded is `ParentUnloadableError` (no retry fixes it); a
+        store that does not answer is the store's error (transient)."""
         versions = self.storage.versions
         parent = versions.latest() if versions.pinned() is not None else versions.current()
         if parent is None:
             parent = versions.latest()
+        try:
+            return self._read_parent(parent, version)
+        except (StoreUnavailableError, StoreResponseError):
+            raise
+        except Exception as exc:
+            raise ParentUnloadableError(
+                f"model version {parent}, the parent of this step, cannot be loaded "
+                f"({type(exc).__name__}: {exc}); no retry can fix that: roll back or pin a "
+                "loadable version, then post again"
+            ) from exc
+
+    def _read_parent(self, parent: int, version: int) -> _Parent:
+        versions = self.storage.versions
         tensors, metadata = versions.load(parent)
         memory = ExemplarMemory(
             {c: torch.from_numpy(x) for c, x in versions.memory(parent).items()}
@@ -197,9 +365,7 @@ class Worker:
         rng = "parent" if RNG_KEY in tensors else "seed+version"
         return _Parent(parent, load_version(tensors, {**metadata}), memory, generator, rng)
 
-    def _train(
-        self, job: Job, parent: _Parent, step_config: StepConfig, heartbeat: _Heartbeat
-    ) -> StepResult:
+    def _train(self, job: Job, parent: _Parent, step_config: StepConfig, run: _Run) -> StepResult:
         """One training step on the job's samples (label-map indices fixed when it was
         queued) and the parent's memory."""
         labels = torch.tensor(job.indices, dtype=torch.int64)
@@ -211,19 +377,16 @@ class Worker:
             step_config,
             device=self.device,
             generator=parent.generator,
-            on_epoch=lambda e, n, loss: self._on_epoch(
-                job.id, heartbeat, e, n, loss, step_config.optim.min_steps
-            ),
+            on_epoch=lambda e, n, loss: self._on_epoch(run, e, n, loss),
         )
 
     def _payload(
-        self, result: StepResult, parent: _Parent, step_config: StepConfig
+        self, result: StepResult, parent: _Parent, step_config: StepConfig, names: list[str]
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The new version's tensors (weights, class means, random stream) and metadata."""
-        names = self.storage.labels.names()[: result.model.num_classes]
         return version_payload(
             result.model.cpu(),
-            class_names=names,
+            class_names=names[: result.model.num_classes],
             counts=result.counts.tolist(),
             augment=step_config.augment,
             class_means=result.class_means,
@@ -245,26 +408,64 @@ class Worker:
             },
         )
 
-    def _on_epoch(
-        self,
-        job_id: str,
-        heartbeat: _Heartbeat,
-        epoch: int,
-        epochs: int,
-        loss: float,
-        min_steps: int,
-    ) -> None:
+    def _on_epoch(self, run: _Run, epoch: int, epochs: int, loss: float) -> None:
         # The resolved budget shows as the epoch count; the version's report keeps the rest
         # (epochs, min_steps, batches_per_epoch, optimizer_steps).
-        note = f"epoch {epoch}/{epochs} (at least {min_steps} optimizer steps), loss {loss:.3f}"
-        self.storage.jobs.set_progress(job_id, epoch / epochs, note)
-        self._check_abandon(job_id, heartbeat)
+        note = f"epoch {epoch}/{epochs} (at least {run.min_steps} optimizer steps), loss {loss:.3f}"
+        try:
+            self.storage.jobs.set_progress(run.job_id, epoch / epochs, note)
+        except StorageError as exc:  # progress is for show: an outage must not cost the step
+            log.debug("job %s: progress not recorded: %s", run.job_id, exc)
+        self._check_abandon(run.job_id, run.heartbeat)
+        # Not after the last epoch: the step is all but done, and keeping it costs less.
+        if time.monotonic() > run.deadline and epoch < epochs:
+            raise JobLimitError(
+                f"stopped after epoch {epoch}/{epochs}: the job ran longer than the "
+                f"operator's limit of {self.config.max_job_seconds:g} s (BSCE_MAX_JOB_SECONDS)"
+            )
 
     def _check_abandon(self, job_id: str, heartbeat: _Heartbeat) -> None:
         if heartbeat.lost.is_set():
             raise _TakenOver(job_id)
         if self.abandon.is_set():
             raise _Abandoned(job_id)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the progress callback of a training job needs."""
+
+    job_id: str
+    heartbeat: _Heartbeat
+    deadline: float  # time.monotonic() past which the job is stopped
+    min_steps: int
+
+
+class _Backoff:
+    """Capped exponential waits while the store is unreachable, each one logged."""
+
+    def __init__(self, base_s: float, max_s: float, what: str) -> None:
+        self.base_s, self.max_s, self.what = base_s, max_s, what
+        self.failures = 0
+
+    def wait(self, exc: Exception, until: threading.Event) -> None:
+        """Sleep the next delay, or less when `until` is set meanwhile."""
+        delay = min(self.max_s, self.base_s * 2 ** min(self.failures, 30))
+        self.failures += 1
+        log.warning(
+            "store %s while %s (%s); retry %d in %.2f s",
+            "unavailable" if isinstance(exc, StoreUnavailableError) else "error",
+            self.what,
+            exc,
+            self.failures,
+            delay,
+        )
+        until.wait(delay)
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.info("store reachable again after %d retries (%s)", self.failures, self.what)
+        self.failures = 0
 
 
 @dataclass(frozen=True)
@@ -307,7 +508,7 @@ class _Timings:
             "commit %.2f s, storage+queue overhead %.1f%% of the step",
             self.job_id,
             committed.version,
-            "served" if committed.served else "pinned, not served",
+            "served" if committed.served else committed.note or "not served",
             self.queued_s,
             self.seconds.get("load", 0.0),
             train_s,
@@ -377,7 +578,19 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         base_model=defaults.base_model
         if args.base_model is None
         else resolve_base_model(args.base_model),
+        **{f: getattr(args, f) for f in _OPERATOR_FIELDS if getattr(args, f) is not None},
     )
+
+
+# WorkerConfig fields set by the flag --<field> or the variable BSCE_<FIELD>.
+_OPERATOR_FIELDS: dict[str, type] = {
+    "max_job_steps": int,
+    "max_job_seconds": float,
+    "retry_base_s": float,
+    "retry_max_s": float,
+    "store_retry_base_s": float,
+    "store_retry_max_s": float,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -419,8 +632,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--consumer", default=None, help="consumer name in the job group (default host-pid)"
     )
+    for field, kind in _OPERATOR_FIELDS.items():
+        p.add_argument(
+            "--" + field.replace("_", "-"),
+            type=kind,
+            default=_env_number(f"BSCE_{field.upper()}", kind),
+            help=f"(BSCE_{field.upper()}, default {WorkerConfig.model_fields[field].default})",
+        )
     p.add_argument("--once", action="store_true", help="process one job, then exit")
     return p
+
+
+def _open_storage(config: WorkerConfig) -> Storage:
+    """The store, waited for with backoff when it is down at start."""
+    from storage import open_storage
+
+    backoff = _Backoff(config.store_retry_base_s, config.store_retry_max_s, "starting")
+    while True:
+        try:
+            return open_storage()
+        except StoreUnavailableError as exc:
+            backoff.wait(exc, threading.Event())
 
 
 def _env_number(name: str, kind: type) -> int | float | None:
@@ -436,13 +668,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from storage import open_storage
-
     try:
         config = config_from_args(args)
     except ValidationError as e:
         raise SystemExit(f"bad worker configuration: {e}") from None
-    worker = Worker(open_storage(), config, resolve_device(args.device), consumer=args.consumer)
+    worker = Worker(_open_storage(config), config, resolve_device(args.device), args.consumer)
 
     def on_signal(signum: int, _frame: Any) -> None:
         if worker.stop_requested.is_set():

@@ -29,7 +29,8 @@ A learner worker, in outline::
                            {"class_names": ..., "counts": ..., "parent_version": parent,
                             "step": ..., "metrics": ...}, new_memory)
         except Exception as e:
-            st.jobs.fail(job.id, repr(e))                 # retried; failed after 3 attempts
+            st.jobs.fail(job.id, repr(e), retry_after_s=5)  # retried after 5 s; failed
+                                                          # after 3 attempts
     # on SIGTERM mid-step: st.jobs.release(job.id)
 
 `jobs.submit` (`submit_job`) registers the job's class names and queues it in one
@@ -45,6 +46,7 @@ from .boundary import boundary
 from .connection import default_data_dir, default_prefix
 from .errors import (
     ExemplarValidationError,
+    IdempotencyConflictError,
     InvalidInputError,
     JobStateError,
     JobTooLargeError,
@@ -90,6 +92,7 @@ __all__ = [
     "Announcement",
     "ExemplarStore",
     "ExemplarValidationError",
+    "IdempotencyConflictError",
     "InvalidInputError",
     "Job",
     "JobQueue",

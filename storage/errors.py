@@ -70,6 +70,11 @@ class NoPreviousVersionError(StorageError, LookupError):
     """A rollback with no earlier version in the pointer history."""
 
 
+class IdempotencyConflictError(StorageError, ValueError):
+    """An idempotency key already used, within its 24 hours, for a different request: the
+    earlier job stands and nothing was written (HTTP 409)."""
+
+
 class JobStateError(StorageError, RuntimeError):
     """A job operation that does not fit the job's state (e.g. completing a failed job)."""
 

@@ -22,19 +22,27 @@ Liveness. A worker holds its job while it is idle less than the `min_idle_ms` th
 workers pass to `claim`; a long step keeps it with `heartbeat`.
 
 Retries. A job's attempts are the deliveries counted by the stream's pending list. `fail`
-keeps the job pending (so the same worker's next `claim` retries it at once) until its
-third attempt, then marks it failed and acknowledges it. A worker that dies never calls
-`fail`; another worker (or the same one, restarted under its name) claims the job again
-after `min_idle_ms`, and a job delivered more than three times is marked failed unrun.
+keeps the job pending until its third attempt, then marks it failed and acknowledges it;
+`fail(..., permanent=True)` (no retry can help) marks it failed at once. A job failed with
+`retry_after_s` is handed out again (first to its own worker) only once that delay is over
+(``P:jobs:retry``), and nothing newer is handed out meanwhile. A worker that dies never
+calls `fail`; another worker (or the same one, restarted under its name) claims the job
+again after `min_idle_ms`, and a job delivered more than three times is marked failed unrun.
+
+Idempotency. `submit_job` with an idempotency key records the key (24 hours) in the
+transaction that queues the job; the same key again returns that job (``replayed``) for the
+same request and refuses another request (`IdempotencyConflictError`), writing nothing.
 """
 
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
+import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -47,6 +55,7 @@ from .arrays import check_images, from_bytes, header, to_bytes
 from .boundary import guarded
 from .connection import default_prefix
 from .errors import (
+    IdempotencyConflictError,
     JobStateError,
     JobTooLargeError,
     JobValidationError,
@@ -60,6 +69,10 @@ STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed")
 
 DEFAULT_MAX_JOB_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_ATTEMPTS = 3
+# How long an idempotency key is remembered (a client retrying after a timeout retries within
+# minutes; a day covers a client that retries after its own restart).
+IDEMPOTENCY_TTL_S = 24 * 3600
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 # Samples of a failed job are kept for inspection this long, then Redis drops them.
 DEFAULT_FAILED_SAMPLES_TTL_S = 7 * 24 * 3600
 # Idle time given to a released job so that any worker's min_idle_ms is already passed;
@@ -73,7 +86,12 @@ local stream, group, me, min_idle = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
 local p = redis.call('XPENDING', stream, group, '-', '+', 1)
 if #p > 0 then
   local id, owner, idle, n = p[1][1], p[1][2], tonumber(p[1][3]), tonumber(p[1][4])
+  local retry_at = tonumber(redis.call('HGET', KEYS[2], id) or '0')
+  if retry_at > tonumber(ARGV[4]) then
+    return {'wait', id, retry_at - tonumber(ARGV[4])}
+  end
   if owner == me or idle >= min_idle then
+    redis.call('HDEL', KEYS[2], id)
     local c = redis.call('XCLAIM', stream, group, me, 0, id)
     if #c == 0 or not c[1] then
       redis.call('XACK', stream, group, id)
@@ -104,9 +122,12 @@ if not st then return {'unknown'} end
 if st == 'done' then return {'done', redis.call('HGET', KEYS[1], 'version') or ''} end
 if st == 'failed' then return {'failed'} end
 local sid = redis.call('HGET', KEYS[1], 'stream_id')
-if sid then redis.call('XACK', KEYS[3], ARGV[1], sid) end
+if sid then
+  redis.call('XACK', KEYS[3], ARGV[1], sid)
+  redis.call('HDEL', KEYS[4], sid)
+end
 redis.call('HSET', KEYS[1], 'state', 'done', 'version', ARGV[2], 'finished', ARGV[3])
-redis.call('HDEL', KEYS[1], 'error')
+redis.call('HDEL', KEYS[1], 'error', 'retry_at')
 redis.call('DEL', KEYS[2])
 return {'ok'}
 """
@@ -118,14 +139,22 @@ if st == 'done' or st == 'failed' then return {'terminal', st} end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 local n = math.max(attempts, failures)
-if n >= tonumber(ARGV[4]) then
+local sid = redis.call('HGET', KEYS[1], 'stream_id')
+if n >= tonumber(ARGV[4]) or ARGV[6] == '1' then
   redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[2], 'finished', ARGV[3])
-  local sid = redis.call('HGET', KEYS[1], 'stream_id')
-  if sid then redis.call('XACK', KEYS[3], ARGV[1], sid) end
+  redis.call('HDEL', KEYS[1], 'retry_at')
+  if sid then
+    redis.call('XACK', KEYS[3], ARGV[1], sid)
+    redis.call('HDEL', KEYS[4], sid)
+  end
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   return {'failed', n}
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'error', ARGV[2])
+if sid and ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[4], sid, ARGV[7])
+  redis.call('HSET', KEYS[1], 'retry_at', ARGV[8])
+end
 return {'queued', n}
 """
 
@@ -165,6 +194,13 @@ class JobStatus(BaseModel):
     overrides: dict[str, Any] | None = None
     progress: float | None = None  # fraction of the training step done, 0..1
     progress_note: str | None = None
+    # A failed attempt's job waits until then for its next one (retry backoff).
+    retry_at: datetime | None = None
+    # A done job: the version its step was built on, whether its commit moved the serving
+    # pointer to the new version, and why not (a rollback or pin while it trained).
+    built_on: int | None = None
+    pointer_moved: bool | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -194,10 +230,67 @@ class SubmittedJob(BaseModel):
     classes: list[str]  # distinct class names, in the order they were registered
     class_indices: dict[str, int]
     new_classes: list[str]  # names the label map did not hold before this job
+    # True when an earlier submission with the same idempotency key (and request) made this
+    # job: nothing new was queued or registered.
+    replayed: bool = False
 
 
 def _ts(v: bytes | None) -> datetime | None:
     return None if v is None or v == b"" else datetime.fromtimestamp(float(v), tz=UTC)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class _Idempotency:
+    """A submission's idempotency key: where it is recorded and what request it stands for."""
+
+    key: str  # the Redis key of its record
+    digest: str
+
+    @classmethod
+    def of(
+        cls, keys: Keys, idempotency_key: str, request_digest: str | None, job: _CheckedJob
+    ) -> _Idempotency:
+        if not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise JobValidationError("an idempotency key must be 1 to 255 visible ASCII characters")
+        if request_digest is not None and (
+            not isinstance(request_digest, str) or not 0 < len(request_digest) <= 512
+        ):
+            raise JobValidationError("a request digest must be a string of 1 to 512 characters")
+        name = hashlib.sha256(idempotency_key.encode()).hexdigest()
+        return cls(keys.idempotency(name), request_digest or _job_digest(job))
+
+    def earlier(self, pipe: redis.client.Pipeline) -> SubmittedJob | None:
+        """Under WATCH (immediate mode): the job an earlier submission with this key made,
+        or None; `IdempotencyConflictError` when that submission was another request."""
+        raw = pipe.get(self.key)
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        if record["digest"] != self.digest:
+            raise IdempotencyConflictError(
+                f"this idempotency key was used for a different request (job "
+                f"{record['job']['job_id']}); use a new key for a new request"
+            )
+        return SubmittedJob.model_validate({**record["job"], "replayed": True})
+
+    def stage_record(self, pipe: redis.client.Pipeline, submitted: SubmittedJob) -> None:
+        """Queue the record of this key (inside MULTI)."""
+        record = {"digest": self.digest, "job": submitted.model_dump(mode="json")}
+        pipe.set(self.key, json.dumps(record), ex=IDEMPOTENCY_TTL_S)
+
+
+def _job_digest(job: _CheckedJob) -> str:
+    """What makes two submissions the same request, when the caller gives no digest."""
+    h = hashlib.sha256()
+    h.update(
+        json.dumps([job.samples.shape, job.labels_json, job.overrides_json, job.classes]).encode()
+    )
+    h.update(np.ascontiguousarray(job.samples).tobytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -263,6 +356,8 @@ class JobQueue:
         labels: Sequence[str],
         overrides: dict[str, Any] | None = None,
         classes: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+        request_digest: str | None = None,
     ) -> SubmittedJob:
         """Register the job's class names and queue it, in one transaction.
 
@@ -270,27 +365,39 @@ class JobQueue:
         distinct labels, in the order new names get their indices. Raises
         `JobValidationError` / `JobTooLargeError` (or `LabelValidationError`) writing
         nothing; a store failure leaves nothing either (the transaction ran or not).
+
+        `idempotency_key` (a client's retry token) is recorded with the job, in the same
+        transaction, for 24 hours. A submission with a key already recorded writes nothing:
+        with the same `request_digest` (default: a digest of samples, labels, overrides and
+        classes) it returns the first submission's job with ``replayed=True``; with another
+        it raises `IdempotencyConflictError`.
         """
         job = self._checked(samples, labels, overrides, classes)
+        idem = None
+        if idempotency_key is not None:
+            idem = _Idempotency.of(self.keys, idempotency_key, request_digest, job)
         job_id = uuid.uuid4().hex
         now = time.time()
 
-        def txn(pipe: redis.client.Pipeline) -> LabelPlan:
+        def txn(pipe: redis.client.Pipeline) -> SubmittedJob:
+            if idem is not None and (earlier := idem.earlier(pipe)) is not None:
+                return earlier  # nothing queued: the transaction executes empty
             plan = self.labels.plan_add(pipe, job.classes)
+            submitted = SubmittedJob(
+                job_id=job_id,
+                classes=job.classes,
+                class_indices=plan.indices,
+                new_classes=plan.new,
+            )
             pipe.multi()
             self.labels.stage_add(pipe, plan)
             self._stage_submit(pipe, job_id, now, job, plan)
-            return plan
+            if idem is not None:
+                idem.stage_record(pipe, submitted)
+            return submitted
 
-        plan: LabelPlan = self.r.transaction(
-            txn, *self.labels.watch_keys(), value_from_callable=True
-        )
-        return SubmittedJob(
-            job_id=job_id,
-            classes=job.classes,
-            class_indices=plan.indices,
-            new_classes=plan.new,
-        )
+        watches = [*self.labels.watch_keys(), *([idem.key] if idem is not None else [])]
+        return self.r.transaction(txn, *watches, value_from_callable=True)
 
     def _checked(
         self,
@@ -370,7 +477,10 @@ class JobQueue:
         stream = self.keys.jobs_stream
         while True:
             try:
-                reply = self._claim(keys=[stream], args=[JOB_GROUP, consumer, int(min_idle_ms)])
+                reply = self._claim(
+                    keys=[stream, self.keys.jobs_retry],
+                    args=[JOB_GROUP, consumer, int(min_idle_ms), _now_ms()],
+                )
             except redis.ResponseError as e:
                 if "NOGROUP" not in str(e):
                     raise
@@ -391,6 +501,10 @@ class JobQueue:
                 # Wake when the holder would count as dead, but poll so we notice its ack.
                 left = max(0.0, (min_idle_ms - int(reply[3])) / 1000)
                 time.sleep(min(remaining, max(left, 0.005), 0.1))
+            elif kind == b"wait":
+                # The oldest job waits for its next attempt (retry backoff); nothing newer
+                # may overtake it. Poll, so that a release or a finish is noticed.
+                time.sleep(min(remaining, max(int(reply[2]) / 1000, 0.005), 0.1))
             else:  # empty: wait for an entry after the last one handed out
                 # In slices of at most a second, so a client socket_timeout never trips.
                 wait_ms = max(1, min(1000, int(remaining * 1000)))
@@ -419,7 +533,10 @@ class JobQueue:
                 + (f"; last error: {rec[b'error'].decode()}" if rec.get(b"error") else ""),
             )
             return None
-        self.r.hset(k.job(job_id), mapping={"attempts": deliveries, "stream_id": stream_id})
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(k.job(job_id), mapping={"attempts": deliveries, "stream_id": stream_id})
+        pipe.hdel(k.job(job_id), "retry_at")
+        pipe.execute()
         labels = json.loads(rec[b"labels"])
         if b"class_indices" in rec:
             class_indices = {str(n): int(i) for n, i in json.loads(rec[b"class_indices"]).items()}
@@ -450,6 +567,7 @@ class JobQueue:
             },
         )
         pipe.xack(k.jobs_stream, JOB_GROUP, stream_id)
+        pipe.hdel(k.jobs_retry, stream_id)
         pipe.pexpire(k.job_samples(job_id), self.failed_samples_ttl_s * 1000)
         pipe.execute()
 
@@ -498,7 +616,7 @@ class JobQueue:
         """
         k = self.keys
         res = self._complete(
-            keys=[k.job(job_id), k.job_samples(job_id), k.jobs_stream],
+            keys=[k.job(job_id), k.job_samples(job_id), k.jobs_stream, k.jobs_retry],
             args=[JOB_GROUP, int(version), repr(time.time())],
         )
         if res[0] == b"unknown":
@@ -525,12 +643,19 @@ class JobQueue:
         return stream_id
 
     def stage_complete(
-        self, pipe: redis.client.Pipeline, job_id: str, stream_id: bytes | None, version: int
+        self,
+        pipe: redis.client.Pipeline,
+        job_id: str,
+        stream_id: bytes | None,
+        version: int,
+        outcome: Mapping[str, str | int] | None = None,
     ) -> None:
-        """Queue what `complete` does, inside MULTI (after `check_completable`)."""
+        """Queue what `complete` does, inside MULTI (after `check_completable`); `outcome`
+        adds status fields (`JobStatus.built_on`, ``pointer_moved`` as "1"/"0", ``note``)."""
         k = self.keys
         if stream_id:
             pipe.xack(k.jobs_stream, JOB_GROUP, stream_id)
+            pipe.hdel(k.jobs_retry, stream_id)
         pipe.hset(
             k.job(job_id),
             mapping={
@@ -538,22 +663,35 @@ class JobQueue:
                 "version": int(version),
                 "finished": repr(time.time()),
                 "progress": "1.0",
+                **dict(outcome or {}),
             },
         )
-        pipe.hdel(k.job(job_id), "error")
+        pipe.hdel(k.job(job_id), "error", "retry_at")
         pipe.delete(k.job_samples(job_id))
 
-    def fail(self, job_id: str, error: str) -> JobState:
-        """Record a failed attempt; the job's new state (queued again, or failed for good)."""
+    def fail(
+        self, job_id: str, error: str, *, retry_after_s: float = 0.0, permanent: bool = False
+    ) -> JobState:
+        """Record a failed attempt; the job's new state (queued again, or failed for good).
+
+        A job queued again is not handed out (to any worker) for `retry_after_s` seconds,
+        and nothing newer overtakes it meanwhile. `permanent`: no retry can succeed (e.g.
+        the parent version cannot be loaded): the job fails now, whatever its attempts.
+        """
         k = self.keys
+        now_ms = _now_ms()
+        at_ms = now_ms + max(0, round(retry_after_s * 1000))
         res = self._fail(
-            keys=[k.job(job_id), k.job_samples(job_id), k.jobs_stream],
+            keys=[k.job(job_id), k.job_samples(job_id), k.jobs_stream, k.jobs_retry],
             args=[
                 JOB_GROUP,
                 str(error)[:10_000],
-                repr(time.time()),
+                repr(now_ms / 1000),
                 self.max_attempts,
                 self.failed_samples_ttl_s * 1000,
+                "1" if permanent else "0",
+                str(at_ms) if at_ms > now_ms else "",
+                repr(at_ms / 1000),
             ],
         )
         if res[0] == b"unknown":
@@ -573,6 +711,7 @@ class JobQueue:
             raise UnknownJobError(f"no job with id {job_id!r}")
         if rec[0] in (b"done", b"failed") or rec[1] is None:
             return
+        self.r.hdel(k.jobs_retry, rec[1])
         pending = self.r.xpending_range(k.jobs_stream, JOB_GROUP, rec[1], rec[1], 1)
         if pending:
             self.r.xclaim(
@@ -618,6 +757,10 @@ class JobQueue:
             overrides=json.loads(s("overrides") or "{}") or None,
             progress=None if s("progress") is None else float(s("progress")),
             progress_note=s("progress_note"),
+            retry_at=_ts(rec.get(b"retry_at")),
+            built_on=None if s("built_on") is None else int(s("built_on")),
+            pointer_moved=None if s("pointer_moved") is None else s("pointer_moved") == "1",
+            note=s("note"),
         )
 
     def list(self, limit: int = 50) -> builtins.list[JobStatus]:

@@ -18,14 +18,17 @@ from .errors import ExemplarValidationError
 from .exemplars import ExemplarStore
 from .jobs import DEFAULT_MAX_JOB_BYTES, JobQueue
 from .labels import LabelMap
-from .versions import VersionStore
+from .versions import PointerState, VersionStore
 
 
 class StepResult(BaseModel):
     version: int
     tag: str
-    served: bool  # False when the pointer was pinned and stayed where it was
+    # False when the pointer stayed where it was: pinned, or no longer on the step's parent.
+    served: bool
     collected: list[int] = []  # memory generations removed by this commit
+    built_on: int | None = None  # the parent the step was built on, when it named one
+    note: str | None = None  # why the new version is not served
 
 
 @guarded
@@ -76,11 +79,20 @@ class Storage:
 
         Writes the version's files first (unregistered), then one MULTI/EXEC registers the
         version with `memory` as its memory generation (number `version`), moves the
-        pointer and announces it (unless pinned), removes the memory generations no version
+        pointer and announces it (see below), removes the memory generations no version
         needs any more (storage/versions.py) and acknowledges the job as done. A worker
         killed anywhere before EXEC leaves the job to be claimed again and no registered
         version or generation, so the retried job saves the same version number once.
         A stale worker whose job was taken over and finished gets `JobStateError` here.
+
+        The pointer moves by compare-and-set, under WATCH in the same transaction: only
+        when it is not pinned and still names the version the step was built on
+        (``metadata["parent_version"]``; a step that names none moves it unless pinned).
+        Otherwise an operator decided while the step trained, and the decision stands:
+        after a rollback or a set to another version the new version is saved (a later
+        set or pin can serve it) but not served; under a pin it is saved behind the pin,
+        and `unpin` serves the newest version. The job is done either way; its status says
+        what it was built on and, when the pointer stayed, why (`JobStatus.note`).
         """
         if memory is None:
             raise ExemplarValidationError("a step commits its memory (an empty mapping for none)")
@@ -88,23 +100,30 @@ class Storage:
             version, tensors, {**dict(metadata), "job_id": job_id}, memory
         )
         v = pending.info.version
+        parent = metadata.get("parent_version")
+        built_on = None if parent is None else int(parent)
 
-        def txn(pipe: redis.client.Pipeline) -> tuple[bool, list[int]]:
+        def txn(pipe: redis.client.Pipeline) -> tuple[str | None, list[int]]:
             self.versions.check_register(pipe, pending)
             stream_id = self.jobs.check_completable(pipe, job_id)
             before = self.versions.read_pointer(pipe)
-            served = before.pinned is None
-            after = before.after_set(v) if served else before
+            note = _not_served_note(before, v, built_on)
+            after = before.after_set(v) if note is None else before
             drop = self.versions.unneeded_generations(pipe, after, new=pending.info)
             pipe.multi()
             self.versions.stage_register(pipe, pending)
-            if served:
+            if note is None:
                 self.versions.stage_move(
                     pipe, "set", v, before.current, None, reason or f"job {job_id}"
                 )
+            outcome: dict[str, str | int] = {"pointer_moved": "1" if note is None else "0"}
+            if built_on is not None:
+                outcome["built_on"] = built_on
+            if note is not None:
+                outcome["note"] = note
             self.versions.stage_collect(pipe, drop)
-            self.jobs.stage_complete(pipe, job_id, stream_id, v)
-            return served, drop
+            self.jobs.stage_complete(pipe, job_id, stream_id, v, outcome)
+            return note, drop
 
         watches = {
             *self.versions.register_watches(pending),
@@ -113,13 +132,37 @@ class Storage:
             *self.jobs.watch_keys(job_id),
         }
         try:
-            served, drop = self.r.transaction(txn, *watches, value_from_callable=True)
+            note, drop = self.r.transaction(txn, *watches, value_from_callable=True)
         except BaseException:
             self.versions.discard(pending)
             raise
         finally:
             self.versions.release_lock(pending)
-        return StepResult(version=v, tag=pending.info.tag, served=served, collected=drop)
+        return StepResult(
+            version=v,
+            tag=pending.info.tag,
+            served=note is None,
+            collected=drop,
+            built_on=built_on,
+            note=note,
+        )
+
+
+def _not_served_note(before: PointerState, version: int, built_on: int | None) -> str | None:
+    """Why a step's commit leaves the pointer where it is; None when it moves it."""
+    if before.pinned is not None:
+        built = "" if built_on is None else f" (built on version {built_on})"
+        return (
+            f"version {version}{built} is saved but not served: the pointer is pinned to "
+            f"version {before.pinned}; unpin to serve the newest version"
+        )
+    if built_on is not None and before.current != built_on:
+        return (
+            f"version {version} is saved but not served: it was built on version {built_on}, "
+            f"and the pointer moved to version {before.current} while it trained (a rollback "
+            "or an operator's set); set or pin it to serve it"
+        )
+    return None
 
 
 @boundary
