@@ -4,8 +4,12 @@ Each API worker process holds its own `ServedVersion`. A new version is loaded c
 (weights read and checked, network built, moved to the device, one warm-up forward) while
 the old one keeps serving; then `ModelHolder` switches one attribute. A request reads that
 attribute once and uses the object it got to the end, so requests in flight finish on the
-version they started with. A version that fails to load leaves the old one serving and is
-retried with a growing delay.
+version they started with.
+
+A version that fails to load is retried on every poll. Meanwhile the worker serves the best
+fallback that loads (the pointer version's ancestors first, `VersionStore.fallbacks`) and
+reports itself degraded (/health, ``bsce_degraded``): a worker that starts while the pointer
+names a broken version serves its parent rather than nothing.
 
 `VersionWatcher` is the worker's background thread: it blocks on the storage announcements
 (pub/sub) for at most ``poll_interval_s``, then compares the pointer (one Redis GET) with
@@ -18,7 +22,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,6 +116,20 @@ def load_served(versions: VersionStore, version: int, device: torch.device) -> S
     return served
 
 
+@dataclass(frozen=True)
+class Degraded:
+    """A worker serving `served` (None: nothing) because `wanted`, the version the pointer
+    names, does not load; `error` says why."""
+
+    wanted: int
+    served: int | None
+    error: str
+
+    def describe(self) -> str:
+        serving = "nothing" if self.served is None else f"version {self.served}"
+        return f"serving {serving} instead of version {self.wanted}, retrying it: {self.error}"
+
+
 class ModelHolder:
     """One worker's served version; swapped by replacing a single reference."""
 
@@ -124,6 +142,9 @@ class ModelHolder:
         # Serialises swaps only; readers never take it.
         self._swap_lock = threading.Lock()
         self.last_error: str | None = None
+        self.degraded: Degraded | None = None
+        # Versions whose failure was logged and counted: a retry on every poll stays quiet.
+        self._reported: set[int] = set()
 
     @property
     def current(self) -> ServedVersion | None:
@@ -131,7 +152,24 @@ class ModelHolder:
         return self._current
 
     def swap_to(self, version: int) -> bool:
-        """Load `version` and serve it; False (old version still served) if loading fails."""
+        """Load `version` and serve it; False (old version still served) if loading fails.
+        Success ends a degraded state."""
+        if not self._switch(version):
+            return False
+        self.last_error = None
+        self._set_degraded(None)
+        return True
+
+    def serve_fallback(self, wanted: int, version: int | None, error: str) -> bool:
+        """Serve `version` (None: keep what is served) while `wanted`, the pointer's version,
+        does not load (`error`); False if `version` does not load either."""
+        if version is not None and not self._switch(version):
+            return False
+        cur = self._current
+        self._set_degraded(Degraded(wanted, None if cur is None else cur.version, error))
+        return True
+
+    def _switch(self, version: int) -> bool:
         with self._swap_lock:
             cur = self._current
             if cur is not None and cur.version == version:
@@ -140,17 +178,10 @@ class ModelHolder:
             try:
                 new = self._loader(version)
             except Exception as e:
-                self.last_error = f"version {version} failed to load: {type(e).__name__}: {e}"
-                log.exception(
-                    "version %s failed to load; still serving %s",
-                    version,
-                    None if cur is None else cur.version,
-                )
-                if self._metrics is not None:
-                    self._metrics.swap_failures.inc()
+                self._load_failed(version, e, cur)
                 return False
             self._current = new
-            self.last_error = None
+            self._reported.discard(version)
             seconds = time.perf_counter() - start
             log.info(
                 "now serving version %d (was %s; loaded in %.3f s)",
@@ -162,25 +193,47 @@ class ModelHolder:
                 self._metrics.swapped(version, seconds)
             return True
 
+    def _load_failed(self, version: int, e: Exception, cur: ServedVersion | None) -> None:
+        self.last_error = f"version {version} failed to load: {type(e).__name__}: {e}"
+        if version in self._reported:
+            log.debug("version %s still fails to load: %s", version, e)
+            return
+        self._reported.add(version)
+        log.exception(
+            "version %s failed to load; still serving %s",
+            version,
+            None if cur is None else cur.version,
+        )
+        if self._metrics is not None:
+            self._metrics.swap_failures.inc()
+
+    def _set_degraded(self, state: Degraded | None) -> None:
+        if state is not None and state != self.degraded:
+            log.warning("degraded: %s", state.describe())
+        elif state is None and self.degraded is not None:
+            log.info("no longer degraded: version %d loaded", self.degraded.wanted)
+        self.degraded = state
+        if self._metrics is not None:
+            self._metrics.degraded.set(0 if state is None else 1)
+
 
 class VersionWatcher:
-    """Background thread keeping a `ModelHolder` on the version the pointer names."""
+    """Background thread keeping a `ModelHolder` on the version the pointer names.
+
+    A version that does not load is retried on every poll; meanwhile the holder serves the
+    best fallback that loads (`VersionStore.fallbacks`: the version's own lineage first) and
+    reports itself degraded. Without this, a worker started while the pointer names a
+    broken version would serve nothing.
+    """
 
     def __init__(
-        self,
-        versions: VersionStore,
-        holder: ModelHolder,
-        poll_interval_s: float = 0.5,
-        retry_delays_s: Sequence[float] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
+        self, versions: VersionStore, holder: ModelHolder, poll_interval_s: float = 0.5
     ) -> None:
         self.versions = versions
         self.holder = holder
         self.poll_interval_s = poll_interval_s
-        self.retry_delays_s = tuple(retry_delays_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bsce-version-watcher", daemon=True)
-        # version -> (failures so far, monotonic time of the next attempt)
-        self._failed: dict[int, tuple[int, float]] = {}
         self.store_ok_at: float | None = None  # monotonic time of the last good Redis reply
         self.store_error: str | None = None
         self.target: int | None = None
@@ -208,16 +261,22 @@ class VersionWatcher:
         if target is None:
             return
         cur = self.holder.current
-        if cur is not None and cur.version == target:
+        if cur is not None and cur.version == target and self.holder.degraded is None:
             return
-        failures, not_before = self._failed.get(target, (0, 0.0))
-        if time.monotonic() < not_before:
-            return
+        # (Serving the fallback the pointer now names, e.g. after a rollback, ends the
+        # degraded state without a reload.)
         if self.holder.swap_to(target):
-            self._failed.pop(target, None)
-        else:
-            delay = self.retry_delays_s[min(failures, len(self.retry_delays_s) - 1)]
-            self._failed[target] = (failures + 1, time.monotonic() + delay)
+            return
+        degraded = self.holder.degraded
+        if degraded is None or degraded.wanted != target:
+            self._fall_back(target, self.holder.last_error or f"version {target} did not load")
+
+    def _fall_back(self, target: int, error: str) -> None:
+        # Searched once per pointer value; the pointer's own version is retried every poll.
+        for version in self.versions.fallbacks(target):
+            if self.holder.serve_fallback(target, version, error):
+                return
+        self.holder.serve_fallback(target, None, error)
 
     def _run(self) -> None:
         pubsub = None

@@ -21,11 +21,15 @@ included.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -35,6 +39,8 @@ log = logging.getLogger("bsce.server")
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# prometheus_client's per-process files of the "live" gauge modes: gauge_liveall_<pid>.db ...
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 
 
 class Metrics:
@@ -78,6 +84,13 @@ class Metrics:
             multiprocess_mode="liveall",
             registry=r,
         )
+        self.degraded = Gauge(
+            "bsce_degraded",
+            "1 while this worker serves a fallback because the pointer's version does not "
+            "load (see /health), else 0",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
         self.swaps = Counter("bsce_swaps", "Version swaps completed", registry=r)
         self.swap_failures = Counter(
             "bsce_swap_failures",
@@ -94,6 +107,7 @@ class Metrics:
             "bsce_jobs_submitted", "Learning jobs queued through this API", registry=r
         )
         self.served_version.set(-1)
+        self.degraded.set(0)
 
     def swapped(self, version: int, seconds: float) -> None:
         self.swaps.inc()
@@ -103,6 +117,41 @@ class Metrics:
     def text(self) -> str:
         """This registry in the text format (single-process use: tests, debugging)."""
         return generate_latest(self.registry).decode()
+
+
+def forget_dead_workers(directory: str | None = None) -> list[int]:
+    """Drop the live-gauge files of processes that no longer exist; their pids.
+
+    prometheus_client reports a ``liveall`` gauge per pid until ``mark_process_dead`` is
+    called for it, which a SIGKILLed worker never does: its last served version would stay
+    on /metrics for ever. Called before each scrape is aggregated.
+    """
+    path = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path or not os.path.isdir(path):
+        return []
+    pids = {int(m[1]) for f in os.listdir(path) if (m := _LIVE_GAUGE_FILE.fullmatch(f))}
+    dead = sorted(pid for pid in pids if not _alive(pid))
+    for pid in dead:
+        mark_process_dead(pid, path)
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    # A killed worker not reaped yet still answers kill(pid, 0).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class StoreCollector(Collector):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from learner.core.overrides import JobOverrides
-from storage import JobStatus, VersionInfo
+from storage import JobState, JobStatus, VersionInfo
 
 Base64Image = Annotated[
     str,
@@ -29,7 +29,13 @@ ClassName = Annotated[
 ]
 TopK = Annotated[
     int | None,
-    Field(ge=1, description="Labels per image, best first (default: the server's BSCE_TOP_K)"),
+    # Strict: `true` or "3" is a client's mistake, not a number to coerce. (A multipart
+    # field arrives JSON-decoded by BentoML, so "3" there is the number 3.)
+    Field(
+        ge=1,
+        strict=True,
+        description="Labels per image, best first (default: the server's BSCE_TOP_K)",
+    ),
 ]
 
 
@@ -38,10 +44,15 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _JsonRequest(_Request):
+    # A JSON body's values are taken as typed: no `true` for 1, no "3" for 3.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 # -- predict -------------------------------------------------------------------------------
 
 
-class PredictRequest(_Request):
+class PredictRequest(_JsonRequest):
     """One image or a batch. A request with one image goes through adaptive batching."""
 
     images: list[Base64Image] = Field(min_length=1, description="One or more images")
@@ -83,7 +94,7 @@ _OVERRIDES_SCHEMA: dict[str, Any] = {
 }
 
 
-class LearnRequest(_Request):
+class LearnRequest(_JsonRequest):
     """Labelled images of one or more classes; one label per image."""
 
     images: list[Base64Image] = Field(min_length=1)
@@ -115,7 +126,14 @@ class LearnUpload(_Request):
 
 class JobAccepted(BaseModel):
     job_id: str
-    state: Literal["queued"] = "queued"
+    state: JobState = Field(
+        "queued", description="queued for a new job; the job's state now for a replay"
+    )
+    replayed: bool = Field(
+        False,
+        description="True when an earlier request with the same Idempotency-Key and body "
+        "made this job (answered 200; nothing new was queued)",
+    )
     status_url: str
     num_samples: int
     classes: list[str] = Field(
@@ -180,7 +198,7 @@ class CurrentVersion(BaseModel):
     worker: WorkerVersion
 
 
-class PinRequest(_Request):
+class PinRequest(_JsonRequest):
     version: int = Field(ge=0)
 
 
@@ -209,6 +227,12 @@ class ClassList(BaseModel):
 # -- health and errors ---------------------------------------------------------------------
 
 
+class DegradedState(BaseModel):
+    wanted: int = Field(description="The version the pointer names, which does not load")
+    served: int | None = Field(description="The fallback this worker serves instead")
+    error: str = Field(description="Why the wanted version does not load")
+
+
 class Health(BaseModel):
     ready: bool
     model_loaded: bool
@@ -216,6 +240,12 @@ class Health(BaseModel):
     version: int | None = Field(description="The version this worker serves")
     pointer: int | None = Field(description="The version the storage pointer names")
     worker_pid: int
+    degraded: DegradedState | None = Field(
+        None,
+        description="Set while this worker serves a fallback (the newest loadable version "
+        "of the pointer's lineage) because the pointer's version does not load; it is "
+        "retried on every poll. Still ready.",
+    )
     detail: str | None = Field(None, description="Why not ready, or the last failed load")
 
 

@@ -11,6 +11,8 @@ queued for the learner worker (``python -m learner.worker``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -32,6 +34,7 @@ from starlette.routing import Route as StarletteRoute
 from learner.core.machine import resolve_device
 from learner.core.overrides import JobOverrides
 from storage import (
+    IdempotencyConflictError,
     InvalidInputError,
     JobTooLargeError,
     NoPreviousVersionError,
@@ -54,6 +57,7 @@ from .schemas import (
     ClassInfo,
     ClassList,
     CurrentVersion,
+    DegradedState,
     ErrorBody,
     Health,
     ImagePrediction,
@@ -76,6 +80,9 @@ from .settings import Settings
 
 log = logging.getLogger("bsce.server")
 JOB_ID = re.compile(r"[0-9a-f]{32}")
+# Visible ASCII, as the store takes it (storage.jobs), and short enough to log.
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
+JOBS_LIMIT = (1, 500)
 
 # Read at import for the decorator (worker count, batching); frozen, like the environment.
 BOOT_SETTINGS = Settings.from_env()
@@ -134,11 +141,15 @@ async def _http_job(request: Request) -> Response:
 
 
 async def _http_jobs(request: Request) -> Response:
-    try:
-        limit = int(request.query_params.get("limit", "50"))
-    except ValueError:
-        return JSONResponse({"error": "limit must be an integer"}, status_code=400)
-    return await _get(lambda s: s.list_jobs(max(0, min(limit, 1000))))
+    low, high = JOBS_LIMIT
+    raw = request.query_params.get("limit", "50")
+    if not (raw.isascii() and raw.isdigit() and low <= int(raw) <= high):
+        return JSONResponse(
+            {"error": f"limit must be a whole number from {low} to {high}, got {raw!r}"},
+            status_code=400,
+        )
+    limit = int(raw)
+    return await _get(lambda s: s.list_jobs(limit))
 
 
 async def _http_health(_: Request) -> Response:
@@ -172,9 +183,9 @@ read_app = Starlette(
 
 GATEWAY_ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/predict"): Route("read", (JSON,)),
-    ("POST", "/predict/upload"): Route("read", (MULTIPART,)),
+    ("POST", "/predict/upload"): Route("read", (MULTIPART,), file_fields=frozenset({"files"})),
     ("POST", "/learn"): Route("admin", (JSON,)),
-    ("POST", "/learn/upload"): Route("admin", (MULTIPART,)),
+    ("POST", "/learn/upload"): Route("admin", (MULTIPART,), file_fields=frozenset({"files"})),
     ("POST", "/versions/rollback"): Route("admin", (JSON,)),
     ("POST", "/versions/pin"): Route("admin", (JSON,)),
     ("POST", "/versions/unpin"): Route("admin", (JSON,)),
@@ -247,7 +258,8 @@ class BsceServe:
     def health(self) -> Health:
         served = self.holder.current
         reachable = self.watcher.store_reachable()
-        detail = self.holder.last_error
+        degraded = self.holder.degraded
+        detail = degraded.describe() if degraded is not None else self.holder.last_error
         if served is None and detail is None:
             detail = (
                 "no model version yet (the learner worker creates version 0)"
@@ -263,6 +275,11 @@ class BsceServe:
             version=None if served is None else served.version,
             pointer=self.watcher.target,
             worker_pid=self.pid,
+            degraded=None
+            if degraded is None
+            else DegradedState(
+                wanted=degraded.wanted, served=degraded.served, error=degraded.error
+            ),
             detail=detail,
         )
 
@@ -337,6 +354,7 @@ class BsceServe:
     @bentoml.api(route="/learn", input_spec=LearnRequest)
     async def learn(
         self,
+        ctx: bentoml.Context,
         images: list[str],
         labels: list[str],
         classes: list[str] | None = None,
@@ -345,20 +363,25 @@ class BsceServe:
         """Queue labelled images (base64, JSON) for learning; answers 202 with a job id.
 
         Images must have the model's exact input size. Nothing is stored or queued unless
-        every image, label and override is valid.
+        every image, label and override is valid. With an ``Idempotency-Key`` header, a
+        repeat of the same request answers 200 with the first one's job; the same key with
+        another body is refused with 409.
         """
-        return await self._learn(
+        answer = await self._learn(
             "learn",
             lambda: [b64decode(s, f"image {i}") for i, s in enumerate(images)],
             len(images),
             labels,
             classes,
             overrides,
+            ctx.request.headers.getlist("idempotency-key"),
         )
+        return _with_status(ctx, answer)
 
     @bentoml.api(route="/learn/upload", input_spec=LearnUpload)
     async def learn_upload(
         self,
+        ctx: bentoml.Context,
         files: list[Path],
         labels: list[str],
         classes: list[str] | None = None,
@@ -366,9 +389,16 @@ class BsceServe:
     ) -> JobAccepted:
         """Like /learn, with multipart/form-data ``files`` parts and a ``labels`` field
         holding a JSON array of class names, one per file."""
-        return await self._learn(
-            "learn/upload", lambda: _read_files(files), len(files), labels, classes, overrides
+        answer = await self._learn(
+            "learn/upload",
+            lambda: _read_files(files),
+            len(files),
+            labels,
+            classes,
+            overrides,
+            ctx.request.headers.getlist("idempotency-key"),
         )
+        return _with_status(ctx, answer)
 
     async def _learn(
         self,
@@ -378,8 +408,10 @@ class BsceServe:
         labels: Sequence[str],
         classes: Sequence[str] | None,
         overrides: dict[str, Any] | None,
-    ) -> Any:
+        idempotency_keys: Sequence[str] = (),
+    ) -> JSONResponse:
         try:
+            key = _checked_idempotency_key(idempotency_keys)
             served = self._served()
             limit = self.settings.max_learn_images
             if count > limit:
@@ -393,10 +425,12 @@ class BsceServe:
             checked_overrides = _checked_overrides(overrides)
             samples = await self._decode(endpoint, blobs, served.chw, exact_size=True)
             accepted = await anyio.to_thread.run_sync(
-                self._submit, samples, names, order, checked_overrides
+                self._submit, samples, names, order, checked_overrides, key
             )
         except ApiError as e:
             return self._refuse(endpoint, e)
+        if accepted.replayed:
+            return _json(accepted, status=200)
         self.metrics.jobs_submitted.inc()
         return _json(accepted, status=202)
 
@@ -406,19 +440,30 @@ class BsceServe:
         names: list[str],
         classes: list[str],
         overrides: dict[str, Any] | None,
+        idempotency_key: str | None = None,
     ) -> JobAccepted:
-        # One transaction registers the new class names and queues the job: a refused or
-        # failed submission leaves neither.
+        # One transaction registers the new class names and queues the job (and records
+        # the idempotency key): a refused or failed submission leaves none of them.
+        digest = None
+        if idempotency_key is not None:
+            digest = request_digest(samples, names, classes, overrides)
         try:
-            job = self.storage.jobs.submit_job(samples, names, overrides, classes)
+            job = self.storage.jobs.submit_job(
+                samples, names, overrides, classes, idempotency_key, digest
+            )
+            state = self.storage.jobs.status(job.job_id).state if job.replayed else "queued"
         except JobTooLargeError as e:
             raise ApiError(413, str(e)) from None
+        except IdempotencyConflictError as e:
+            raise ApiError(409, str(e)) from None
         except InvalidInputError as e:
             raise ApiError(400, str(e)) from None
         except StorageError as e:
             raise ApiError(503, f"the store is unavailable: {e}") from None
         return JobAccepted(
             job_id=job.job_id,
+            state=state,
+            replayed=job.replayed,
             status_url=f"/jobs/{job.job_id}",
             num_samples=int(samples.shape[0]),
             classes=job.classes,
@@ -607,6 +652,44 @@ def _read_files(paths: Sequence[Path]) -> list[bytes]:
     return [Path(p).read_bytes() for p in paths]
 
 
+def _with_status(ctx: bentoml.Context, answer: JSONResponse) -> Any:
+    # BentoML gives an endpoint that takes `ctx` the status of `ctx.response`, whatever
+    # the returned response says.
+    ctx.response.status_code = answer.status_code
+    return answer
+
+
+def _checked_idempotency_key(values: Sequence[str]) -> str | None:
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, "send one Idempotency-Key header, not several")
+    if not IDEMPOTENCY_KEY.fullmatch(values[0]):
+        raise ApiError(400, "Idempotency-Key must be 1 to 200 visible ASCII characters (no spaces)")
+    return values[0]
+
+
+def request_digest(
+    samples: np.ndarray,
+    names: Sequence[str],
+    classes: Sequence[str],
+    overrides: dict[str, Any] | None,
+) -> str:
+    """What makes two learn requests the same request for an Idempotency-Key: the decoded
+    images (so /learn and /learn/upload of the same pixels agree), labels, class order and
+    validated overrides."""
+    h = hashlib.sha256()
+    head = {
+        "shape": list(samples.shape),
+        "labels": list(names),
+        "classes": list(classes),
+        "overrides": overrides or {},
+    }
+    h.update(json.dumps(head, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(samples).tobytes())
+    return h.hexdigest()
+
+
 def _checked_name(name: object, i: int, field: str = "label") -> str:
     try:
         return validate_name(name)
@@ -639,7 +722,8 @@ def _checked_overrides(overrides: dict[str, Any] | None) -> dict[str, Any] | Non
     if not overrides:
         return None
     try:
-        parsed = JobOverrides.model_validate(overrides)
+        # Strict: "3" or true is a client's mistake, not an epoch count to coerce.
+        parsed = JobOverrides.model_validate(overrides, strict=True)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()

@@ -19,6 +19,9 @@ BSCE_MAX_TOP_K                 100          the largest k a request may ask for
 BSCE_MAX_BATCH                 256          images per predict request
 BSCE_MAX_LEARN_IMAGES          10000        images per learn request
 BSCE_MAX_BODY_BYTES            33554432     request body limit (32 MiB); larger: 413
+BSCE_MAX_INFLIGHT_BYTES        67108864     request body bytes one API worker holds at once
+                                            (64 MiB, at least BSCE_MAX_BODY_BYTES); a body
+                                            that would pass it: 503 with Retry-After
 BSCE_MAX_IMAGE_PIXELS          4194304      pixels (width x height) per image; larger: 413
 BSCE_BATCH_MAX_SIZE            64           adaptive batching: images per merged batch
 BSCE_BATCH_MAX_LATENCY_MS      1000         adaptive batching: a single-image request that
@@ -36,7 +39,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 ENV_PREFIX = "BSCE_"
 
@@ -58,10 +61,21 @@ class Settings(BaseModel):
     max_batch: int = Field(256, ge=1)
     max_learn_images: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_inflight_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(2048 * 2048, ge=1)
     batch_max_size: int = Field(64, ge=2)
     batch_max_latency_ms: int = Field(1000, ge=1)
     poll_interval_s: float = Field(0.5, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _one_body_fits_in_flight(self) -> Settings:
+        # Else a lone request under the body limit would be refused as "busy" forever.
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise ValueError(
+                "BSCE_MAX_INFLIGHT_BYTES must be at least BSCE_MAX_BODY_BYTES "
+                f"({self.max_inflight_bytes} < {self.max_body_bytes})"
+            )
+        return self
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -78,7 +92,11 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
-            where = ", ".join(ENV_PREFIX + str(err["loc"][0]).upper() for err in e.errors())
+            # A check across fields has no location; it names its variables in its message.
+            where = ", ".join(
+                ENV_PREFIX + str(err["loc"][0]).upper() if err["loc"] else "the settings"
+                for err in e.errors()
+            )
             raise ValueError(f"bad server configuration in {where}: {e}") from None
 
     def threads(self) -> int:

@@ -341,6 +341,20 @@ class VersionStore:
         latest = self.latest()
         return 0 if latest is None else latest + 1
 
+    def fallbacks(self, version: int) -> builtins.list[int]:
+        """What to serve while `version` cannot be loaded, best first: its ancestors
+        (``parent_version`` links, nearest first), then the other earlier versions, newest
+        first. An ancestor has the classes `version` was built from; any other version is
+        a last resort (it may have classes the pointer's lineage never learned)."""
+        infos = {i.version: i for i in self.list()}
+        lineage: builtins.list[int] = []
+        parent = infos[version].parent_version if version in infos else None
+        while parent in infos and parent != version and parent not in lineage:
+            lineage.append(parent)
+            parent = infos[parent].parent_version
+        rest = sorted((v for v in infos if v < version and v not in lineage), reverse=True)
+        return lineage + rest
+
     def version_for_job(self, job_id: str) -> int | None:
         """The version a job produced, if it got that far (a retried job must not redo it)."""
         v = self.r.hget(self.keys.versions_by_job, job_id)

@@ -31,6 +31,7 @@ from tests.test_server_support import (
     encode,
     random_image,
     stack_env,
+    wait_until,
 )
 from tests.test_storage_support import free_port
 
@@ -346,8 +347,12 @@ def test_learn_swap_on_every_worker_rollback_and_pin(server: Server) -> None:
     time.sleep(1.5)
     for answer in on_every_worker(server, lambda a: a["version"] == v2).values():
         assert labels_of(answer) == {"alpha", "beta", "gamma"}
-    health = server.get("/health").json()
+    # It has no parent: the fallback is the newest earlier version that loads, v2.
+    health = wait_until(
+        lambda: (h := server.get("/health").json())["degraded"] and h, 60, "a degraded /health"
+    )
     assert health["ready"] and health["pointer"] == 3 and "failed to load" in health["detail"]
+    assert health["degraded"]["wanted"] == 3 and health["degraded"]["served"] == v2
     assert server.post("/versions/rollback", headers=AUTH).json()["current"] == v2
 
     versions = server.get("/versions").json()

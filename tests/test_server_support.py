@@ -11,16 +11,22 @@ from __future__ import annotations
 import base64
 import io
 import os
-from collections.abc import Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import requests
 import torch
 from PIL import Image
 
 from learner.core.config import ModelConfig, StepConfig
 from learner.core.model import IncrementalNet
 from learner.core.versioning import initial_payload, version_payload
+from loadtest.stack import REPO, stop_process
 from storage import Storage
 from tests.test_storage_support import drop_prefix as drop_prefix  # the server tests' import
 
@@ -66,8 +72,10 @@ def save_version(
     class_names: Sequence[str],
     active: Sequence[bool] | None = None,
     serve: bool = True,
+    parent: int | None = -1,
 ) -> None:
-    """A resnet8 version with random weights (what the learner's commit would write)."""
+    """A resnet8 version with random weights (what the learner's commit would write);
+    its parent is `parent`, by default the version before."""
     if version == 0 and not class_names:
         tensors, metadata = initial_payload(SMALL, seed=0)
     else:
@@ -81,7 +89,7 @@ def save_version(
             augment=SMALL.augment,
             config=SMALL,
             extra={
-                "parent_version": version - 1,
+                "parent_version": version - 1 if parent == -1 else parent,
                 "active_classes": list(active) if active is not None else [True] * len(class_names),
             },
         )
@@ -110,3 +118,55 @@ def stack_env(
     }
     env.pop("BSCE_PREDICT_TOKEN", None)
     return env
+
+
+def weights_file(storage: Storage, version: int) -> Path:
+    return storage.versions.model_dir(version) / "weights.safetensors"
+
+
+def truncate_weights(storage: Storage, version: int) -> bytes:
+    """Cut `version`'s weights file in half (a disk that lost its tail); the original."""
+    path = weights_file(storage, version)
+    original = path.read_bytes()
+    path.write_bytes(original[: len(original) // 2])
+    return original
+
+
+@contextmanager
+def serve_only(env: Mapping[str, str], port: int, log: Path, timeout_s: float = 240.0):
+    """``bentoml serve`` alone (no learner worker) on `port`; yields its URL once /readyz
+    answers 200, stops its process group at the end."""
+    cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", "server.service:BsceServe",
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until(lambda: _ready(url, proc, log), timeout_s, f"the server at {url} ready")
+            yield url
+        finally:
+            stop_process(proc)
+
+
+def _ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"bentoml serve exited: {log.read_text(errors='replace')[-3000:]}")
+    try:
+        return requests.get(url + "/readyz", timeout=10).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> object:
+    """Poll `condition` until it returns something true (its value); fail after `timeout_s`
+    (generous: the deadline only bounds a hang, it is never what a test checks)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

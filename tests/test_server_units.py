@@ -4,6 +4,10 @@ middleware, the swap holder and the version watcher, adaptive batching."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,14 +21,22 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route as StarletteRoute
 
 from server.batching import Overloaded, SingleImageBatcher
-from server.holder import ModelHolder, ServedVersion, VersionWatcher, load_served
+from server.holder import Degraded, ModelHolder, ServedVersion, VersionWatcher, load_served
 from server.images import ImageInputError, b64decode, decode_batch, decode_for_model
-from server.metrics import Metrics, store_metrics_text
+from server.metrics import Metrics, forget_dead_workers, store_metrics_text
 from server.middleware import JSON, MULTIPART, Gateway, Route
 from server.schemas import LearnRequest, PredictRequest
 from server.settings import Settings
 from storage import Storage
-from tests.test_server_support import b64, encode, random_image, save_version
+from tests.test_server_support import (
+    b64,
+    encode,
+    random_image,
+    save_version,
+    truncate_weights,
+    wait_until,
+    weights_file,
+)
 
 # BentoML's IO descriptors trip a pydantic deprecation when server.service is imported.
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
@@ -166,7 +178,7 @@ def _gateway(**env: str) -> httpx.AsyncClient:
         ("POST", "/open"): Route("open", (JSON,)),
         ("POST", "/read"): Route("read", (JSON,)),
         ("POST", "/admin"): Route("admin", (JSON,)),
-        ("POST", "/upload"): Route("open", (MULTIPART,)),
+        ("POST", "/upload"): Route("open", (MULTIPART,), file_fields=frozenset({"files"})),
         ("POST", "/invalid"): Route("open", (JSON,)),
     }
     settings = Settings.from_env({"BSCE_MAX_BODY_BYTES": "2048", **env})
@@ -299,7 +311,7 @@ def test_watcher_follows_the_pointer_and_survives_a_broken_version(storage: Stor
     save_version(storage, 0, [])
     metrics = Metrics()
     holder = ModelHolder(lambda v: load_served(storage.versions, v, torch.device("cpu")), metrics)
-    watcher = VersionWatcher(storage.versions, holder, poll_interval_s=0.1, retry_delays_s=(0.2,))
+    watcher = VersionWatcher(storage.versions, holder, poll_interval_s=0.1)
     watcher.sync_once()
     assert holder.current is not None and holder.current.version == 0
     assert watcher.store_reachable()
@@ -310,8 +322,9 @@ def test_watcher_follows_the_pointer_and_survives_a_broken_version(storage: Stor
     storage.versions.set_current(1)
     watcher.start()
     try:
-        time.sleep(0.5)
+        wait_until(lambda: holder.degraded is not None, 30, "the watcher to see version 1")
         assert holder.current.version == 0 and "failed to load" in (holder.last_error or "")
+        assert (holder.degraded.wanted, holder.degraded.served) == (1, 0)
         save_version(storage, 2, ["x", "y"])  # announced: picked up well within a second
         start = time.monotonic()
         while holder.current.version != 2 and time.monotonic() - start < 3:
@@ -439,3 +452,232 @@ def test_a_store_that_goes_down_answers_503(redis_process, tmp_path) -> None:
     for read in (svc.list_classes, svc.list_versions, svc.current_version):
         with pytest.raises(StoreUnavailableError):  # `_get` turns these into 503
             read()
+
+
+# -- hostile input at the gateway (in process) --------------------------------------------
+
+
+def test_multipart_the_form_parser_would_refuse_or_misread_is_a_4xx() -> None:
+    async def run() -> None:
+        async with _gateway(BSCE_MAX_BODY_BYTES="3000000") as c:
+            image = {"files": ("a.png", b"abc")}
+            assert (await c.post("/upload", files=image, data={"top_k": "1"})).status_code == 200
+            cases = [
+                ({"content": b"abc", "headers": {"Content-Type": MULTIPART}}, 400, "boundary"),
+                ({"files": image, "data": {"top_k": "x" * (1024 * 1024 + 1)}}, 413, "text field"),
+                ({"files": [("files", (f"{i}.png", b"a")) for i in range(1001)]}, 413, "1000"),
+                ({"files": image, "data": {"x": ["1"] * 1001}}, 413, "1000 text fields"),
+                (
+                    {"content": b"junk", "headers": {"Content-Type": MULTIPART + "; boundary=b"}},
+                    400,
+                    "malformed",
+                ),
+                # A text value in a file field: BentoML would fetch it as a URL.
+                (
+                    {"files": {"other": ("a.png", b"a")}, "data": {"files": "http://x/"}},
+                    400,
+                    "file",
+                ),
+            ]
+            for kwargs, status, text in cases:
+                r = await c.post("/upload", **kwargs)
+                assert r.status_code == status, (kwargs.keys(), r.text)
+                assert text in r.json()["error"], r.text
+            # A bodiless request typed multipart would reach BentoML's form parser too.
+            r = await c.post("/open", headers={"Content-Type": MULTIPART})
+            assert r.status_code == 415
+
+    asyncio.run(run())
+
+
+def test_route_misses_answer_json() -> None:
+    async def run() -> None:
+        async with _gateway() as c:
+            r = await c.get("/nope")
+            assert r.status_code == 404 and r.json() == {"error": "no route for GET /nope"}
+            r = await c.get("/open")
+            assert r.status_code == 405 and "POST" in r.json()["error"]
+            assert r.headers["allow"] and r.headers["content-type"] == JSON
+            r = await c.post("/invalid", json={})  # an endpoint's own JSON answer is kept
+            assert r.json()["error"] == "invalid request: labels: Field required"
+
+    asyncio.run(run())
+
+
+def _scope(path: str, length: int | None) -> dict:
+    headers = [(b"content-type", JSON.encode())]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+            "headers": headers, "query_string": b"", "http_version": "1.1", "scheme": "http",
+            "server": ("t", 80), "client": ("c", 1), "root_path": ""}  # fmt: skip
+
+
+async def _call(
+    app: Gateway, length: int | None, messages: asyncio.Queue
+) -> tuple[int, dict, dict]:
+    """One POST /open through `app`, its body messages taken from `messages` as it reads."""
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(_scope("/open", length), messages.get, send)
+    headers = {k.decode(): v.decode() for k, v in sent[0].get("headers", [])}
+    return sent[0]["status"], headers, json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def _body(*chunks: bytes) -> asyncio.Queue:
+    q: asyncio.Queue = asyncio.Queue()
+    for i, chunk in enumerate(chunks):
+        q.put_nowait({"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1})
+    return q
+
+
+def _gateway_app(**env: str) -> Gateway:
+    app = Starlette(routes=[StarletteRoute("/open", _echo, methods=["POST"])])
+    settings = Settings.from_env({"BSCE_MAX_BODY_BYTES": "2048", **env})
+    return Gateway(app, routes={("POST", "/open"): Route("open", (JSON,))}, settings=settings)
+
+
+def test_inflight_bytes_are_capped_per_worker() -> None:
+    async def run() -> None:
+        gateway = _gateway_app(BSCE_MAX_INFLIGHT_BYTES="3000")
+        held: asyncio.Queue = asyncio.Queue()
+        first = asyncio.create_task(_call(gateway, 2000, held))
+        await held.put({"type": "http.request", "body": b"x" * 500, "more_body": True})
+        for _ in range(10_000):  # charged its Content-Length before its body is read
+            if gateway.budget.used == 2000:
+                break
+            await asyncio.sleep(0)
+        assert gateway.budget.used == 2000
+        status, headers, body = await _call(gateway, 1500, _body(b"x" * 1500))
+        assert status == 503 and headers["retry-after"] == "1" and "in flight" in body["error"]
+        status, _, body = await _call(gateway, None, _body(b"x" * 600, b"x" * 600))  # chunked
+        assert status == 503
+        assert (await _call(gateway, 900, _body(b"x" * 900)))[0] == 200  # fits beside it
+        await held.put({"type": "http.request", "body": b"x" * 1500, "more_body": False})
+        status, _, body = await first
+        assert (status, body) == (200, {"bytes": 2000})
+        assert gateway.budget.used == 0
+        assert (await _call(gateway, 1500, _body(b"x" * 1500)))[0] == 200
+        # A client that goes away mid-body gives its bytes back too.
+        assert (await _call(gateway, 2000, _disconnecting(b"x" * 10)))[0] == 400
+        assert gateway.budget.used == 0
+
+    asyncio.run(run())
+
+
+def _disconnecting(chunk: bytes) -> asyncio.Queue:
+    q: asyncio.Queue = asyncio.Queue()
+    q.put_nowait({"type": "http.request", "body": chunk, "more_body": True})
+    q.put_nowait({"type": "http.disconnect"})
+    return q
+
+
+def test_settings_keep_one_body_within_the_inflight_cap() -> None:
+    with pytest.raises(ValueError, match="BSCE_MAX_INFLIGHT_BYTES must be at least"):
+        Settings.from_env({"BSCE_MAX_BODY_BYTES": "4096", "BSCE_MAX_INFLIGHT_BYTES": "2048"})
+    assert Settings.from_env({}).max_inflight_bytes == 64 * 1024 * 1024
+
+
+def test_forget_dead_workers_drops_only_the_dead_pids(tmp_path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in (f"gauge_liveall_{dead.pid}.db", f"gauge_liveall_{os.getpid()}.db",
+                 f"counter_{dead.pid}.db"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"")
+    assert forget_dead_workers(str(tmp_path)) == [dead.pid]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f"counter_{dead.pid}.db", f"gauge_liveall_{os.getpid()}.db"])
+
+
+# -- strict types, idempotency keys -------------------------------------------------------
+
+
+def test_json_requests_take_values_as_typed() -> None:
+    from server.schemas import PinRequest
+    from server.service import ApiError, _checked_overrides
+
+    for bad in ({"images": ["x"], "top_k": True}, {"images": ["x"], "top_k": "3"}):
+        with pytest.raises(ValidationError):
+            PredictRequest.model_validate_json(json.dumps(bad))
+    with pytest.raises(ValidationError):
+        PinRequest.model_validate_json('{"version": "0"}')
+    for bad in ({"epochs": "3"}, {"epochs": True}, {"distill": 1}, {"epochs": 2.0}):
+        with pytest.raises(ApiError) as e:
+            _checked_overrides(bad)
+        assert e.value.status == 400 and "overrides" in str(e.value)
+    assert _checked_overrides({"epochs": 3, "lr": 1}) == {"epochs": 3, "lr": 1.0}
+
+
+def test_idempotency_keys_and_request_digests() -> None:
+    from server.service import ApiError, _checked_idempotency_key, request_digest
+
+    assert _checked_idempotency_key([]) is None
+    assert _checked_idempotency_key(["retry-7f3a"]) == "retry-7f3a"
+    for bad in (["a b"], ["é"], ["x" * 201], [""], ["a", "b"]):
+        with pytest.raises(ApiError) as e:
+            _checked_idempotency_key(bad)
+        assert e.value.status == 400
+    x = np.zeros((2, *CHW), dtype=np.uint8)
+    one = request_digest(x, ["a", "b"], ["a", "b"], {"epochs": 1})
+    assert one == request_digest(x.copy(), ["a", "b"], ["a", "b"], {"epochs": 1})
+    others = [
+        request_digest(x, ["b", "a"], ["a", "b"], {"epochs": 1}),
+        request_digest(x, ["a", "b"], ["b", "a"], {"epochs": 1}),
+        request_digest(x, ["a", "b"], ["a", "b"], None),
+        request_digest(x + 1, ["a", "b"], ["a", "b"], {"epochs": 1}),
+    ]
+    assert len({one, *others}) == 5
+
+
+# -- a pointer version that does not load -------------------------------------------------
+
+
+def test_holder_degraded_with_nothing_to_fall_back_on() -> None:
+    def loader(v: int):
+        raise OSError(f"disk on fire ({v})")
+
+    holder = ModelHolder(loader)  # type: ignore[arg-type]
+    assert not holder.swap_to(3) and not holder.serve_fallback(3, 2, "version 3: broken")
+    assert holder.serve_fallback(3, None, "version 3: broken")
+    assert holder.degraded == Degraded(3, None, "version 3: broken")
+    assert holder.current is None and "serving nothing" in holder.degraded.describe()
+
+
+@pytest.mark.integration
+def test_an_unloadable_pointer_version_serves_its_lineage_until_it_loads(storage: Storage) -> None:
+    import torch
+
+    save_version(storage, 0, [])
+    save_version(storage, 1, ["a"])
+    save_version(storage, 2, ["a", "b"])
+    save_version(storage, 3, ["a", "c"], parent=1)  # newer than 2, but another branch
+    save_version(storage, 4, ["a", "b", "d"], parent=2)
+    assert storage.versions.fallbacks(4) == [2, 1, 0, 3]
+    original = truncate_weights(storage, 4)
+    truncate_weights(storage, 2)
+    metrics = Metrics()
+    holder = ModelHolder(lambda v: load_served(storage.versions, v, torch.device("cpu")), metrics)
+    watcher = VersionWatcher(storage.versions, holder, poll_interval_s=0.1)
+
+    watcher.sync_once()  # a worker starting now: v4 and its parent v2 are broken
+    assert holder.current is not None and holder.current.version == 1
+    assert (holder.degraded.wanted, holder.degraded.served) == (4, 1)
+    assert "version 4" in holder.degraded.error and "digest" in holder.degraded.error
+    text = metrics.text()
+    assert "bsce_degraded 1.0" in text and "bsce_swap_failures_total 2.0" in text
+
+    watcher.sync_once()  # the next poll retries v4 (quietly: counted once)
+    assert holder.current.version == 1 and "bsce_swap_failures_total 2.0" in metrics.text()
+
+    storage.versions.set_current(1)  # a pointer move to the fallback itself: not degraded
+    watcher.sync_once()
+    assert holder.current.version == 1 and holder.degraded is None
+
+    storage.versions.set_current(4)
+    weights_file(storage, 4).write_bytes(original)  # the operator restores the file
+    watcher.sync_once()
+    assert holder.current.version == 4 and holder.degraded is None
+    assert holder.last_error is None and "bsce_degraded 0.0" in metrics.text()
