@@ -11,12 +11,17 @@ P:mem:<g>:shapes            hash    class index -> JSON {"dtype": "|u1", "shape"
 P:mem:<g>:counts            hash    class index -> n
 P:mem:<g>:meta              hash    generation, updated (epoch s), num_classes, total_bytes
 P:mem:generations           set     the generations stored (written, not yet collected)
+P:holdout:<v>:data          hash    held-out images version v's job added: class -> raw bytes
+P:holdout:<v>:shapes        hash    class index -> JSON {"dtype", "shape"}
 P:labels:index              hash    class name -> index
 P:labels:names              list    class names in index order
 P:jobs                      stream  one entry per update job: {job_id}; group ``learners``
 P:jobs:index                zset    job id scored by submit time (for listing)
+P:jobs:retry                hash    stream entry id -> epoch ms before which a failed job
+                                    waits for its next attempt (retry backoff)
 P:job:<id>                  hash    job status record (state, times, class indices, ...)
 P:job:<id>:samples          hash    data (raw bytes), dtype, shape
+P:idem:<sha256 of key>      string  JSON {digest, job}: a submission's idempotency key (24 h)
 P:versions:registry         hash    version -> VersionInfo JSON (the saved, complete ones)
 P:versions:by_job           hash    job id -> version it produced
 P:versions:current          string  the version being served
@@ -72,6 +77,13 @@ class Keys:
     def mem_generations(self) -> str:
         return self._k("mem", "generations")
 
+    # held-out images of the promotion gate, one chunk per version that added some
+    def holdout_data(self, version: int) -> str:
+        return self._k("holdout", int(version), "data")
+
+    def holdout_shapes(self, version: int) -> str:
+        return self._k("holdout", int(version), "shapes")
+
     # label map
     @property
     def labels_index(self) -> str:
@@ -89,6 +101,15 @@ class Keys:
     @property
     def jobs_index(self) -> str:
         return self._k("jobs", "index")
+
+    @property
+    def jobs_retry(self) -> str:
+        return self._k("jobs", "retry")
+
+    def idempotency(self, key_digest: str) -> str:
+        """The record of an idempotency key, named by the key's digest (any client string
+        is then a safe key name)."""
+        return self._k("idem", key_digest)
 
     def job(self, job_id: str) -> str:
         return self._k("job", job_id)
