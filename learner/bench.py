@@ -27,10 +27,12 @@ from learner.core.config import (
     StepConfig,
 )
 from learner.core.evaluate import infer, nme_predict, topk
+from learner.core.gate import GateConfig
 from learner.core.machine import describe_machine, resolve_device
 from learner.core.model import IncrementalNet
 from learner.data import Dataset, load_dataset
 from learner.exemplars import ExemplarMemory
+from learner.gate import judge, split_holdout
 from learner.metrics import IncrementalEvaluation, IncrementalMetrics, balance, harmonic_mean
 from learner.protocols import PRESETS, Protocol, get_protocol, order_names, resolve_class_order
 from learner.step import StepData, train_step
@@ -76,11 +78,16 @@ def run_protocol(
     device: torch.device,
     max_train_per_class: int | None = None,
     progress: bool = True,
+    gate: GateConfig | None = None,
 ) -> dict[str, Any]:
     """Run every step of ``protocol``; return the result record (see ``RESULT_FORMAT``).
 
     Labels are remapped to learning order (the i-th class of ``class_order`` becomes i), so a
     model's head rows follow the order in which classes arrived, as in the server.
+
+    With ``gate`` (enabled), each step holds out the images the learner worker would and is
+    judged as the worker judges a job (learner/gate.py): a rejected step leaves the model,
+    memory and random stream where they were, as a rejected version leaves the pointer.
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
@@ -93,6 +100,7 @@ def run_protocol(
 
     model = IncrementalNet.create(config.model, generator)
     memory = ExemplarMemory()
+    heldout_lineage: dict[int, np.ndarray] = {}
     cnn_eval, nme_eval = IncrementalEvaluation(), IncrementalEvaluation()
     reports: list[dict[str, Any]] = []
     seen = 0
@@ -109,6 +117,10 @@ def run_protocol(
         if max_train_per_class is not None:
             idx = limit_per_class(idx, train_y, max_train_per_class)
         data = StepData(dataset.train.images[idx].clone(), train_y[idx].clone())
+        if gate is not None and gate.enabled:
+            data, held = _hold_out(data, gate, seed)
+            rng_before = generator.get_state()
+            parent = model
 
         def on_epoch(epoch: int, epochs: int, loss: float, t: int = t) -> None:
             bar.set_postfix(step=f"{t + 1}/{len(steps)}", loss=f"{loss:.3f}")
@@ -117,7 +129,27 @@ def run_protocol(
         result = train_step(
             model, data, memory, config, device=device, generator=generator, on_epoch=on_epoch
         )
-        model, memory = result.model, result.memory
+        verdict = None
+        if gate is not None and gate.enabled:
+            heldout = {**heldout_lineage}
+            for c, x in held.items():
+                heldout[c] = np.concatenate([heldout[c], x]) if c in heldout else x
+            verdict = judge(
+                result.model,
+                parent,
+                config.augment,
+                [str(c) for c in range(result.model.num_classes)],
+                heldout,
+                list(range(parent.num_classes, result.model.num_classes)),
+                gate,
+                device,
+            )
+        if verdict is not None and verdict.verdict == "rejected":
+            generator.set_state(rng_before)
+        else:
+            model, memory = result.model, result.memory
+            if verdict is not None:
+                heldout_lineage = heldout
         seen = hi
         test_idx = (test_y >= 0) & (test_y < seen)
         ev = _eval_test(
@@ -132,6 +164,7 @@ def run_protocol(
         if "nme" in ev:
             nme_eval.add_step(ev["y_true"], ev["nme"], step_sizes[: t + 1])
         report = result.report.model_dump()
+        report["gate"] = None if verdict is None else verdict.model_dump(mode="json")
         report["accuracy"] = cnn_eval.result().accuracy_per_step[-1]
         report["memory"] = len(memory)
         reports.append(report)
@@ -163,6 +196,15 @@ def run_protocol(
         "wall_seconds": time.perf_counter() - start,
         "train_images_per_second": train_images / train_seconds,
     }
+
+
+def _hold_out(
+    data: StepData, gate: GateConfig, seed: int
+) -> tuple[StepData, dict[int, np.ndarray]]:
+    """The step's images minus the held-out ones (the worker's split), and those by class."""
+    keep, held = split_holdout(data.labels, gate, seed)
+    images = {c: data.images[idx].numpy() for c, idx in held.items()}
+    return StepData(data.images[keep].clone(), data.labels[keep].clone()), images
 
 
 def metric_fields(cnn: IncrementalMetrics) -> dict[str, Any]:
@@ -378,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("results"))
     add_recipe_arguments(p)
+    p.add_argument(
+        "--gate",
+        choices=["on", "off"],
+        default="off",
+        help="hold out and judge each step as the learner worker's promotion gate does (its "
+        "default thresholds); off for the published protocols (default)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -411,6 +460,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 device=device,
                 max_train_per_class=args.max_train_per_class,
                 progress=not args.no_progress,
+                gate=GateConfig(enabled=args.gate == "on"),
             )
             result["order_name"] = order_name
             path = args.out / result_filename(result, default_order=protocol.class_order)

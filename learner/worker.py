@@ -25,6 +25,14 @@ Failures. A failed attempt is retried after a delay that doubles from ``retry_ba
 once: a parent version that cannot be loaded (weights, metadata or exemplar memory), or a
 job over the operator's limits (``BSCE_MAX_JOB_STEPS`` optimizer steps, checked before
 training; ``BSCE_MAX_JOB_SECONDS`` of wall time, checked after each epoch).
+
+The promotion gate (``--no-gate`` turns it off). A tenth of each posted class's images (at
+most 50) is held out of training and kept with the version; after training, the new version
+and its parent are evaluated on the held-out images of every class they know, and a version
+that fails the checks (learner/core/gate.py) is saved as ``rejected``: the pointer stays and
+the job ends ``rejected`` with the gate's report. The classes of a base model have no held-out
+images (it trained on all of its data; its exemplars are training images, on which it scores
+far above what any later version can), so the gate judges posted classes only.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from learner.base import (
 )
 from learner.cli import add_recipe_arguments, recipe_from_args
 from learner.core.config import ModelConfig, StepConfig
+from learner.core.gate import GateConfig, GateReport
 from learner.core.machine import describe_machine, resolve_device
 from learner.core.overrides import apply_overrides
 from learner.core.versioning import (
@@ -67,6 +76,7 @@ from learner.core.versioning import (
 )
 from learner.data import DATASETS, augment_for
 from learner.exemplars import ExemplarMemory
+from learner.gate import judge, split_holdout
 from learner.step import StepData, StepResult, resolve_budget, train_step
 from storage import (
     Job,
@@ -111,6 +121,9 @@ class WorkerConfig(BaseModel):
     # doubling up to store_retry_max_s.
     store_retry_base_s: float = Field(0.5, gt=0)
     store_retry_max_s: float = Field(30.0, gt=0)
+    # The promotion gate (learner/gate.py): held-out images per class, and the checks a new
+    # version passes before it is served.
+    gate: GateConfig = GateConfig()
 
 
 def retry_delay(config: WorkerConfig, attempt: int) -> float:
@@ -286,12 +299,16 @@ class Worker:
         names = self.storage.labels.names()
         with timings.measure("load"):
             parent = self._load_parent(version)
+        held = self._held_out(job, parent)
         self._check_budget(job, parent, step_config)
         run = _Run(job.id, heartbeat, deadline, step_config.optim.min_steps)
-        result = self._train(job, parent, step_config, run)
-        tensors, metadata = self._payload(result, parent, step_config, names)
+        result = self._train(job, parent, step_config, run, held.train)
+        with timings.measure("gate"):
+            report = self._judge(result, parent, step_config, names, held)
+        chunks = held.chunks_after(version)
+        tensors, metadata = self._payload(result, parent, step_config, names, report, chunks)
         with timings.measure("commit"):
-            committed = self._commit(job, version, tensors, metadata, result.memory)
+            committed = self._commit(job, version, tensors, metadata, result.memory, held.job)
         timings.log(committed, result.report.wall_seconds)
         return committed.version
 
@@ -302,6 +319,7 @@ class Worker:
         tensors: dict[str, torch.Tensor],
         metadata: dict[str, Any],
         memory: ExemplarMemory,
+        holdout: dict[int, np.ndarray],
     ) -> Committed:
         """Commit the step, retried while the store is unreachable, so that an outage does
         not cost a trained step; a try whose reply was lost is found by its job id, so the
@@ -314,7 +332,13 @@ class Worker:
                 served = self.storage.versions.current() == done
                 return Committed(version=done, tag=self.storage.versions.tag(done), served=served)
             return self.storage.commit_step(
-                job.id, version, tensors, metadata, _arrays(memory), reason=f"job {job.id}"
+                job.id,
+                version,
+                tensors,
+                metadata,
+                _arrays(memory),
+                reason=f"job {job.id}",
+                holdout=holdout,
             )
 
         return self._until_stored(attempt, f"committing job {job.id}", self.abandon)
@@ -365,11 +389,52 @@ class Worker:
         rng = "parent" if RNG_KEY in tensors else "seed+version"
         return _Parent(parent, load_version(tensors, {**metadata}), memory, generator, rng)
 
-    def _train(self, job: Job, parent: _Parent, step_config: StepConfig, run: _Run) -> StepResult:
-        """One training step on the job's samples (label-map indices fixed when it was
-        queued) and the parent's memory."""
+    def _held_out(self, job: Job, parent: _Parent) -> _HeldOut:
+        """The job's split (which samples train, which are held out) and the held-out
+        images of the parent's lineage, read now: after training the store may be away."""
         labels = torch.tensor(job.indices, dtype=torch.int64)
-        data = StepData(torch.from_numpy(np.ascontiguousarray(job.samples)), labels)
+        if not self.config.gate.enabled:
+            return _HeldOut(torch.arange(len(labels)), {}, {}, [])
+        train, held = split_holdout(labels, self.config.gate, self.config.seed)
+        chunks = [int(c) for c in parent.state.metadata.get("heldout_chunks", [])]
+        return _HeldOut(
+            train,
+            {c: np.ascontiguousarray(job.samples[idx.numpy()]) for c, idx in held.items()},
+            self.storage.holdout.read(chunks),
+            chunks,
+        )
+
+    def _judge(
+        self,
+        result: StepResult,
+        parent: _Parent,
+        step_config: StepConfig,
+        names: list[str],
+        held: _HeldOut,
+    ) -> GateReport | None:
+        if not self.config.gate.enabled:
+            return None
+        known = parent.state.model.num_classes
+        return judge(
+            result.model,
+            parent.state.model,
+            step_config.augment,
+            names[: result.model.num_classes],
+            held.all(),
+            [c for c in range(known, result.model.num_classes)],
+            self.config.gate,
+            self.device,
+            parent_version=parent.version,
+        )
+
+    def _train(
+        self, job: Job, parent: _Parent, step_config: StepConfig, run: _Run, train: torch.Tensor
+    ) -> StepResult:
+        """One training step on the job's samples that are not held out (label-map indices
+        fixed when it was queued) and the parent's memory."""
+        labels = torch.tensor(job.indices, dtype=torch.int64)[train]
+        images = torch.from_numpy(np.ascontiguousarray(job.samples))[train]
+        data = StepData(images, labels)
         return train_step(
             parent.state.model,
             data,
@@ -381,7 +446,13 @@ class Worker:
         )
 
     def _payload(
-        self, result: StepResult, parent: _Parent, step_config: StepConfig, names: list[str]
+        self,
+        result: StepResult,
+        parent: _Parent,
+        step_config: StepConfig,
+        names: list[str],
+        report: GateReport | None,
+        heldout_chunks: list[int],
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The new version's tensors (weights, class means, random stream) and metadata."""
         return version_payload(
@@ -399,11 +470,14 @@ class Worker:
                 "seed": self.config.seed,
                 "rng": parent.rng,
                 "report": result.report.model_dump(),
+                "gate": None if report is None else report.model_dump(mode="json"),
+                "heldout_chunks": heldout_chunks,
                 "machine": describe_machine(self.device),
                 "metrics": {
                     "train_seconds": result.report.train_seconds,
                     "train_images_per_second": result.report.train_images_per_second,
                     "exemplars": len(result.memory),
+                    **_gate_metrics(report),
                 },
             },
         )
@@ -479,6 +553,40 @@ class _Parent:
     rng: str  # where the stream came from: "parent", or "seed+version" (older versions)
 
 
+def _gate_metrics(report: GateReport | None) -> dict[str, float]:
+    """The gate's figures for the version's registry entry (the server's metrics)."""
+    if report is None:
+        return {}
+    figures = {
+        "heldout_overall_accuracy": report.overall_accuracy,
+        "heldout_old_accuracy": report.old_accuracy,
+        "heldout_new_accuracy": report.new_accuracy,
+        "heldout_balance": report.balance,
+        "gate_seconds": report.seconds,
+    }
+    return {k: float(v) for k, v in figures.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class _HeldOut:
+    """The promotion gate's data for one job."""
+
+    train: torch.Tensor  # indices of the job's samples to train on
+    job: dict[int, np.ndarray]  # the job's held-out images by class (its version's chunk)
+    lineage: dict[int, np.ndarray]  # the held-out images of the parent's lineage
+    chunks: list[int]  # the parent's held-out chunks
+
+    def all(self) -> dict[int, np.ndarray]:
+        classes = sorted({*self.job, *self.lineage})
+        return {
+            c: np.concatenate([x[c] for x in (self.lineage, self.job) if c in x]) for c in classes
+        }
+
+    def chunks_after(self, version: int) -> list[int]:
+        """The chunks the new version names: its parent's, and its own when it has one."""
+        return [*self.chunks, version] if self.job else list(self.chunks)
+
+
 def _arrays(memory: ExemplarMemory) -> dict[int, np.ndarray]:
     return {c: x.numpy() for c, x in memory.images.items()}
 
@@ -505,13 +613,14 @@ class _Timings:
         total_s = time.perf_counter() - self.start
         log.info(
             "job %s -> version %d (%s): queued %.1f s, load %.2f s, train step %.1f s, "
-            "commit %.2f s, storage+queue overhead %.1f%% of the step",
+            "gate %.2f s, commit %.2f s, storage+queue overhead %.1f%% of the step",
             self.job_id,
             committed.version,
             "served" if committed.served else committed.note or "not served",
             self.queued_s,
             self.seconds.get("load", 0.0),
             train_s,
+            self.seconds.get("gate", 0.0),
             self.seconds.get("commit", 0.0),
             100 * (total_s - train_s) / train_s,
         )
@@ -578,8 +687,39 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         base_model=defaults.base_model
         if args.base_model is None
         else resolve_base_model(args.base_model),
+        gate=_gate_from_args(args),
         **{f: getattr(args, f) for f in _OPERATOR_FIELDS if getattr(args, f) is not None},
     )
+
+
+# GateConfig fields set by --gate-<field> or BSCE_GATE_<FIELD> (``enabled`` is --gate on|off).
+_GATE_FIELDS = [f for f in GateConfig.model_fields if f != "enabled"]
+
+
+def _gate_from_args(args: argparse.Namespace) -> GateConfig:
+    given = {f: getattr(args, f"gate_{f}") for f in _GATE_FIELDS}
+    return GateConfig(
+        enabled=args.gate == "on", **{f: v for f, v in given.items() if v is not None}
+    )
+
+
+def _add_gate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gate",
+        choices=["on", "off"],
+        default=os.environ.get("BSCE_GATE", "on"),
+        help="the promotion gate: hold out part of each posted class and serve a new version "
+        "only when it passes the checks on held-out images (BSCE_GATE, default on)",
+    )
+    for field in _GATE_FIELDS:
+        info = GateConfig.model_fields[field]
+        kind = int if info.annotation is int else float
+        p.add_argument(
+            "--gate-" + field.replace("_", "-"),
+            type=kind,
+            default=_env_number(f"BSCE_GATE_{field.upper()}", kind),
+            help=f"(BSCE_GATE_{field.upper()}, default {info.default})",
+        )
 
 
 # WorkerConfig fields set by the flag --<field> or the variable BSCE_<FIELD>.
@@ -639,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=_env_number(f"BSCE_{field.upper()}", kind),
             help=f"(BSCE_{field.upper()}, default {WorkerConfig.model_fields[field].default})",
         )
+    _add_gate_arguments(p)
     p.add_argument("--once", action="store_true", help="process one job, then exit")
     return p
 

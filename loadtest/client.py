@@ -142,11 +142,12 @@ class Client:
     def wait_job(
         self, job_id: str, timeout_s: float = 7200.0, poll_s: float = 0.25
     ) -> dict[str, Any]:
-        """Poll the job until done; raises on failed or timeout."""
+        """Poll the job until it ends: done, or rejected by the promotion gate (its version is
+        saved, not served: see ``status["gate"]``); raises on failed or timeout."""
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.job(job_id)
-            if status["state"] == "done":
+            if status["state"] in ("done", "rejected"):
                 return status
             if status["state"] == "failed":
                 raise RuntimeError(f"job {job_id} failed: {status.get('error')}")

@@ -273,7 +273,8 @@ class UpdaterUser(FastHttpUser):
                     resp.failure(f"HTTP {resp.status_code}")
                     continue
                 status = resp.json()
-            if status["state"] in ("done", "failed"):
+            # Rejected: the promotion gate kept its version from being served.
+            if status["state"] in ("done", "failed", "rejected"):
                 job.update(
                     {
                         k: status.get(k)

@@ -470,7 +470,14 @@ class Replay:
         status = self.client.wait_job(posted.job_id, timeout_s=self.args.job_timeout)
         version = int(status["version"])
         self.seen = hi
-        served_at, test_images, eval_stats = self.evaluate(t, lo, version)
+        # A version the promotion gate rejected is not served: the step is judged by what
+        # users get, the version the pointer still names.
+        serving = (
+            version
+            if status["state"] == "done"
+            else self.client.get_json("/versions/current")["version"]
+        )
+        served_at, test_images, eval_stats = self.evaluate(t, lo, int(serving))
         report, source, metrics = self.learner_report(version, lo, hi)
         report["accuracy"] = self.cnn_eval.result().accuracy_per_step[-1]
         report["memory"] = metrics.get("exemplars")
@@ -524,7 +531,8 @@ class Replay:
         self.step_rng.append(meta.get("rng"))
         if self.worker_seed is None:
             self.worker_seed = _worker_seed(meta, version)
-        return dict(meta["report"]), source, metrics
+        # The promotion gate's report beside the step's (None when the gate was off).
+        return {**meta["report"], "gate": meta.get("gate")}, source, metrics
 
     def final_config(self) -> tuple[dict[str, Any], str]:
         """The config of the last step that reported one, else version 0's with the

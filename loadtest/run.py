@@ -165,6 +165,7 @@ def summarise(records: Path, stats_csv: Path, meta: dict[str, Any]) -> dict[str,
     locust_rows = read_locust_stats(stats_csv)
     images = sum(image_count(r["name"]) for r in predicts if r["ok"])
     landed = [j for j in jobs if j.get("state") == "done"]
+    rejected = [j for j in jobs if j.get("state") == "rejected"]
     return {
         "format": SUMMARY_FORMAT,
         **meta,
@@ -187,6 +188,9 @@ def summarise(records: Path, stats_csv: Path, meta: dict[str, Any]) -> dict[str,
             "landed": len(landed),
             "failed_jobs": [j for j in jobs if j.get("state") == "failed" or j.get("error")],
             "versions": [j.get("version") for j in landed],
+            # Updates the promotion gate rejected: their versions must never be served.
+            "rejected": len(rejected),
+            "rejected_versions": [j.get("version") for j in rejected],
             "jobs": jobs,
         },
     }

@@ -33,7 +33,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from storage import Storage
+    from storage import Storage, VersionInfo
 
 log = logging.getLogger("bsce.server")
 
@@ -169,10 +169,9 @@ class StoreCollector(Collector):
             # The memory of the current version (its generation).
             memory = None if pointer.current is None else s.versions.memory_info(pointer.current)
             num_labels = len(s.labels)
+            versions = s.versions.list()
             trained = [
-                v
-                for v in s.versions.list()
-                if isinstance(v.metrics.get("train_seconds"), int | float)
+                v for v in versions if isinstance(v.metrics.get("train_seconds"), int | float)
             ]
         except Exception as e:  # a scrape must still answer when Redis does not
             log.warning("metrics: store unreachable: %s", e)
@@ -209,6 +208,7 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily(
             "bsce_label_map_classes", "Class names in the label map", value=num_labels
         )
+        yield from _gate_metrics(versions, pointer.current)
         if trained:
             newest = trained[-1]
             step = GaugeMetricFamily(
@@ -218,6 +218,40 @@ class StoreCollector(Collector):
             )
             step.add_metric([str(newest.version)], float(newest.metrics["train_seconds"]))
             yield step
+
+
+def _gate_metrics(versions: list[VersionInfo], current: int | None) -> Iterator[GaugeMetricFamily]:
+    """The promotion gate: verdicts over the saved versions, and what it measured on the
+    served version's held-out images (recorded in the version's metrics by the learner)."""
+    verdicts = GaugeMetricFamily(
+        "bsce_gate_versions", "Saved versions by promotion-gate verdict", labels=["verdict"]
+    )
+    counts: dict[str, int] = {}
+    for v in versions:
+        counts[v.gate or "none"] = counts.get(v.gate or "none", 0) + 1
+    for verdict, n in sorted(counts.items()):
+        verdicts.add_metric([verdict], n)
+    yield verdicts
+    served = next((v for v in versions if v.version == current), None)
+    if served is None:
+        return
+    acc = GaugeMetricFamily(
+        "bsce_heldout_accuracy",
+        "Held-out accuracy (percent) of the served version, as its gate measured it",
+        labels=["classes"],
+    )
+    for kind in ("overall", "old", "new"):
+        value = served.metrics.get(f"heldout_{kind}_accuracy")
+        if isinstance(value, int | float):
+            acc.add_metric([kind], float(value))
+    yield acc
+    balance = served.metrics.get("heldout_balance")
+    if isinstance(balance, int | float):
+        yield GaugeMetricFamily(
+            "bsce_heldout_balance",
+            "New / old classes' held-out accuracy of the served version at its gate",
+            value=float(balance),
+        )
 
 
 def store_metrics_text(storage: Storage) -> str:

@@ -184,6 +184,12 @@ class VersionDetail(BaseModel):
         None, description="The training step's report: losses, timings, images/s"
     )
     machine: dict[str, Any] | None = Field(None, description="Where the learner trained it")
+    gate: dict[str, Any] | None = Field(
+        None,
+        description="The promotion gate's report (learner.core.gate.GateReport): held-out "
+        "accuracy per class for this version and its parent, old/new means, the verdict "
+        "and its reasons; null when saved without the gate",
+    )
 
 
 class WorkerVersion(BaseModel):

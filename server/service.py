@@ -38,7 +38,9 @@ from storage import (
     InvalidInputError,
     JobTooLargeError,
     NoPreviousVersionError,
+    NotRejectedError,
     PinnedError,
+    RejectedVersionError,
     Storage,
     StorageError,
     UnknownJobError,
@@ -176,9 +178,18 @@ GET_ROUTES: list[tuple[str, Callable[[Request], Any], type[BaseModel], str]] = [
     ("/health", _http_health, Health, "Readiness in detail (503 when not ready)"),
 ]
 
+async def _http_promote(request: Request) -> Response:
+    # A path parameter, which BentoML's @api routes do not take: served by the mounted app.
+    version = request.path_params["version"]
+    return await bentoml.get_current_service().promote(version)
+
+
 read_app = Starlette(
     routes=[StarletteRoute(path, fn, methods=["GET"]) for path, fn, _, _ in GET_ROUTES]
-    + [StarletteRoute("/openapi.json", _http_openapi, methods=["GET"])]
+    + [
+        StarletteRoute("/openapi.json", _http_openapi, methods=["GET"]),
+        StarletteRoute("/versions/{version:int}/promote", _http_promote, methods=["POST"]),
+    ]
 )
 
 GATEWAY_ROUTES: dict[tuple[str, str], Route] = {
@@ -197,6 +208,8 @@ GATEWAY_ROUTES: dict[tuple[str, str], Route] = {
 GATEWAY_PREFIXES = [
     ("GET", "/jobs/", Route("read", reword_validation=False)),
     ("GET", "/versions/", Route("read", reword_validation=False)),
+    # POST /versions/{version}/promote (the exact /versions/* routes above match first)
+    ("POST", "/versions/", Route("admin", (JSON,), reword_validation=False)),
 ]
 
 
@@ -487,6 +500,12 @@ class BsceServe:
         """Lift the pin and serve the newest version."""
         return await self._move("versions/unpin", lambda v: v.unpin(reason="api unpin"))
 
+    async def promote(self, version: int) -> Any:
+        """Serve a version the promotion gate rejected (POST /versions/{version}/promote)."""
+        return await self._move(
+            "versions/promote", lambda v: v.promote(version, reason="api promote")
+        )
+
     async def _move(self, endpoint: str, change: Callable[[VersionStore], object]) -> Any:
         versions = self.storage.versions
 
@@ -495,9 +514,9 @@ class BsceServe:
                 before = versions.current()
                 change(versions)
                 state = versions.pointer()
-            except PinnedError as e:
+            except (PinnedError, NoPreviousVersionError, RejectedVersionError) as e:
                 raise ApiError(409, str(e)) from None
-            except NoPreviousVersionError as e:
+            except NotRejectedError as e:
                 raise ApiError(409, str(e)) from None
             except UnknownVersionError as e:
                 raise ApiError(404, str(e)) from None

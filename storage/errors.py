@@ -66,6 +66,14 @@ class PinnedError(StorageError, RuntimeError):
     """The pointer is pinned; the operation needs an unpin first."""
 
 
+class RejectedVersionError(StorageError, RuntimeError):
+    """A pin or set of a version the promotion gate rejected (promote it instead)."""
+
+
+class NotRejectedError(StorageError, RuntimeError):
+    """A promote of a version the gate did not reject."""
+
+
 class NoPreviousVersionError(StorageError, LookupError):
     """A rollback with no earlier version in the pointer history."""
 

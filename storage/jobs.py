@@ -64,8 +64,10 @@ from .errors import (
 from .keys import JOB_GROUP, Keys
 from .labels import LabelMap, LabelPlan, validate_name
 
-JobState = Literal["queued", "running", "done", "failed"]
-STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed")
+JobState = Literal["queued", "running", "done", "failed", "rejected"]
+# A job in one of these has ended: no worker runs it again.
+FINAL_STATES: frozenset[str] = frozenset({"done", "failed", "rejected"})
+STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed", "rejected")
 
 DEFAULT_MAX_JOB_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_ATTEMPTS = 3
@@ -119,7 +121,9 @@ return {'empty', '0-0'}
 _COMPLETE = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return {'unknown'} end
-if st == 'done' then return {'done', redis.call('HGET', KEYS[1], 'version') or ''} end
+if st == 'done' or st == 'rejected' then
+  return {'done', redis.call('HGET', KEYS[1], 'version') or ''}
+end
 if st == 'failed' then return {'failed'} end
 local sid = redis.call('HGET', KEYS[1], 'stream_id')
 if sid then
@@ -135,7 +139,7 @@ return {'ok'}
 _FAIL = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return {'unknown'} end
-if st == 'done' or st == 'failed' then return {'terminal', st} end
+if st == 'done' or st == 'failed' or st == 'rejected' then return {'terminal', st} end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 local n = math.max(attempts, failures)
@@ -161,7 +165,7 @@ return {'queued', n}
 _MARK_RUNNING = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'unknown' end
-if st == 'done' or st == 'failed' then return st end
+if st == 'done' or st == 'failed' or st == 'rejected' then return st end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[1])
 return 'ok'
 """
@@ -201,6 +205,8 @@ class JobStatus(BaseModel):
     built_on: int | None = None
     pointer_moved: bool | None = None
     note: str | None = None
+    # The promotion gate's report on the job's version (learner.core.gate.GateReport).
+    gate: dict[str, Any] | None = None
 
 
 @dataclass
@@ -519,9 +525,9 @@ class JobQueue:
         pipe.hgetall(k.job_samples(job_id))
         rec, smp = pipe.execute()
         state = rec.get(b"state", b"").decode()
-        if not rec or state in ("done", "failed") or not smp:
+        if not rec or state in FINAL_STATES or not smp:
             # Finished (its ack was lost) or its records are gone: nothing to run.
-            if rec and state not in ("done", "failed"):
+            if rec and state not in FINAL_STATES:
                 self._finish_failed(job_id, stream_id, "job samples are missing")
             self.r.xack(k.jobs_stream, JOB_GROUP, stream_id)
             return None
@@ -638,7 +644,7 @@ class JobQueue:
         state, stream_id = pipe.hmget(self.keys.job(job_id), ["state", "stream_id"])
         if state is None:
             raise UnknownJobError(f"no job with id {job_id!r}")
-        if state in (b"done", b"failed"):
+        if state is not None and state.decode() in FINAL_STATES:
             raise JobStateError(f"job {job_id} is already {state.decode()}")
         return stream_id
 
@@ -709,7 +715,7 @@ class JobQueue:
         rec = self.r.hmget(k.job(job_id), ["state", "stream_id", "attempts"])
         if rec[0] is None:
             raise UnknownJobError(f"no job with id {job_id!r}")
-        if rec[0] in (b"done", b"failed") or rec[1] is None:
+        if rec[0] is not None and rec[0].decode() in FINAL_STATES or rec[1] is None:
             return
         self.r.hdel(k.jobs_retry, rec[1])
         pending = self.r.xpending_range(k.jobs_stream, JOB_GROUP, rec[1], rec[1], 1)
@@ -761,6 +767,7 @@ class JobQueue:
             built_on=None if s("built_on") is None else int(s("built_on")),
             pointer_moved=None if s("pointer_moved") is None else s("pointer_moved") == "1",
             note=s("note"),
+            gate=None if s("gate") is None else json.loads(s("gate")),
         )
 
     def list(self, limit: int = 50) -> builtins.list[JobStatus]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from .boundary import boundary, guarded
 from .connection import close, connect, default_prefix
 from .errors import ExemplarValidationError
 from .exemplars import ExemplarStore
+from .holdout import HoldoutStore
 from .jobs import DEFAULT_MAX_JOB_BYTES, JobQueue
 from .labels import LabelMap
 from .versions import PointerState, VersionStore
@@ -61,6 +63,7 @@ class Storage:
         self.versions = VersionStore(
             r, self.prefix, bentoml_home=bentoml_home, exemplars=self.exemplars
         )
+        self.holdout = HoldoutStore(r, self.prefix)
 
     def close(self) -> None:
         """Close the client (with the embedded Redis, the last one closed stops it)."""
@@ -74,6 +77,7 @@ class Storage:
         metadata: Mapping[str, Any],
         memory: Mapping[int, np.ndarray],
         reason: str = "",
+        holdout: Mapping[int, np.ndarray] | None = None,
     ) -> StepResult:
         """End a learning step: everything a finished job changes, or nothing.
 
@@ -93,6 +97,11 @@ class Storage:
         set or pin can serve it) but not served; under a pin it is saved behind the pin,
         and `unpin` serves the newest version. The job is done either way; its status says
         what it was built on and, when the pointer stayed, why (`JobStatus.note`).
+
+        A version the promotion gate rejected (``metadata["gate"]["verdict"] == "rejected"``)
+        is saved and never moves the pointer; its job ends ``rejected`` with the gate's
+        report. `holdout` (the job's held-out images by class) is written as the version's
+        held-out chunk in the same transaction, whatever the verdict.
         """
         if memory is None:
             raise ExemplarValidationError("a step commits its memory (an empty mapping for none)")
@@ -102,12 +111,14 @@ class Storage:
         v = pending.info.version
         parent = metadata.get("parent_version")
         built_on = None if parent is None else int(parent)
+        gate = metadata.get("gate")
+        rejected = pending.info.gate == "rejected"
 
         def txn(pipe: redis.client.Pipeline) -> tuple[str | None, list[int]]:
             self.versions.check_register(pipe, pending)
             stream_id = self.jobs.check_completable(pipe, job_id)
             before = self.versions.read_pointer(pipe)
-            note = _not_served_note(before, v, built_on)
+            note = _rejected_note(v, gate) if rejected else _not_served_note(before, v, built_on)
             after = before.after_set(v) if note is None else before
             drop = self.versions.unneeded_generations(pipe, after, new=pending.info)
             pipe.multi()
@@ -121,6 +132,12 @@ class Storage:
                 outcome["built_on"] = built_on
             if note is not None:
                 outcome["note"] = note
+            if gate is not None:
+                outcome["gate"] = json.dumps(gate)
+            if rejected:
+                outcome["state"] = "rejected"
+            if holdout:
+                self.holdout.stage_write(pipe, v, holdout)
             self.versions.stage_collect(pipe, drop)
             self.jobs.stage_complete(pipe, job_id, stream_id, v, outcome)
             return note, drop
@@ -146,6 +163,14 @@ class Storage:
             built_on=built_on,
             note=note,
         )
+
+
+def _rejected_note(version: int, gate: Mapping[str, Any]) -> str:
+    reasons = "; ".join(gate.get("reasons") or []) or "no reason given"
+    return (
+        f"version {version} is saved but not served: the promotion gate rejected it ({reasons}); "
+        f"POST /versions/{version}/promote serves it anyway"
+    )
 
 
 def _not_served_note(before: PointerState, version: int, built_on: int | None) -> str | None:

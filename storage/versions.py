@@ -65,13 +65,16 @@ from .errors import (
     MemoryGenerationError,
     MetadataError,
     NoPreviousVersionError,
+    NotRejectedError,
     PinnedError,
+    RejectedVersionError,
     StorageError,
     UnknownVersionError,
     VersionExistsError,
     VersionLockedError,
 )
 from .exemplars import ExemplarStore, MemoryInfo, PreparedMemory
+from .holdout import HoldoutStore
 from .keys import Keys
 
 # Saving a model must not phone home: with no network each save would wait on BentoML's
@@ -121,6 +124,14 @@ class VersionInfo(BaseModel):
     sha256: str
     size_bytes: int
     memory_generation: int | None = None  # its exemplar memory; None: saved without one
+    # The promotion gate's verdict: "promoted", "rejected" (saved, never served unless an
+    # operator promotes it), "promoted by operator" (rejected, then promoted), or None (saved
+    # without the gate: version 0, a deployment with the gate off).
+    gate: str | None = None
+
+    @property
+    def servable(self) -> bool:
+        return self.gate != "rejected"
 
 
 class PointerState(BaseModel):
@@ -164,6 +175,7 @@ class _KnownMetadata(BaseModel):
     metrics: dict[str, Any] = {}
     job_id: str | None = None
     memory_generation: int | None = None
+    gate: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,12 @@ class PendingVersion:
 Version0 = (
     tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]
     | tuple[Mapping[str, torch.Tensor], Mapping[str, Any], Mapping[int, np.ndarray]]
+    | tuple[
+        Mapping[str, torch.Tensor],
+        Mapping[str, Any],
+        Mapping[int, np.ndarray],
+        Mapping[int, np.ndarray],
+    ]
 )
 """What `ensure_initial`'s factory returns: tensors, metadata and optionally the memory
 (class index -> uint8 (n, C, H, W); empty when left out)."""
@@ -334,6 +352,10 @@ class VersionStore:
             (VersionInfo.model_validate_json(v) for v in raw.values()), key=lambda i: i.version
         )
 
+    def latest_servable(self) -> int | None:
+        """The newest version the gate did not reject (what `unpin` serves)."""
+        return max((i.version for i in self.list() if i.servable), default=None)
+
     def latest(self) -> int | None:
         return max((int(k) for k in self.r.hkeys(self.keys.versions_registry)), default=None)
 
@@ -346,7 +368,7 @@ class VersionStore:
         (``parent_version`` links, nearest first), then the other earlier versions, newest
         first. An ancestor has the classes `version` was built from; any other version is
         a last resort (it may have classes the pointer's lineage never learned)."""
-        infos = {i.version: i for i in self.list()}
+        infos = {i.version: i for i in self.list() if i.servable or i.version == version}
         lineage: builtins.list[int] = []
         parent = infos[version].parent_version if version in infos else None
         while parent in infos and parent != version and parent not in lineage:
@@ -368,6 +390,7 @@ class VersionStore:
         tensors: Mapping[str, torch.Tensor],
         metadata: Mapping[str, Any],
         memory: Mapping[int, np.ndarray] | None = None,
+        holdout: Mapping[int, np.ndarray] | None = None,
     ) -> str:
         """Write and register version `version`; its tag.
 
@@ -376,7 +399,8 @@ class VersionStore:
         index -> uint8 (n, C, H, W)), it is written as the version's memory generation in
         the registering transaction. Raises `VersionExistsError` for a saved number,
         `MetadataError` / `ExemplarValidationError` for bad input (nothing written),
-        `VersionLockedError` while another process saves the same number.
+        `VersionLockedError` while another process saves the same number. `holdout` (class
+        index -> held-out images) becomes the version's held-out chunk (storage/holdout.py).
         """
         pending = self.write(version, tensors, metadata, memory)
 
@@ -384,6 +408,10 @@ class VersionStore:
             self.check_register(pipe, pending)
             pipe.multi()
             self.stage_register(pipe, pending)
+            if holdout:
+                HoldoutStore(self.r, self.keys.prefix).stage_write(
+                    pipe, pending.info.version, holdout
+                )
 
         try:
             self.r.transaction(txn, *self.register_watches(pending))
@@ -438,6 +466,7 @@ class VersionStore:
             sha256=digest,
             size_bytes=size,
             memory_generation=known.memory_generation,
+            gate=None if known.gate is None else known.gate.get("verdict"),
         )
         return PendingVersion(info=info, lock_token=token, memory=prepared)
 
@@ -703,7 +732,7 @@ class VersionStore:
         """
 
         def txn(pipe: redis.client.Pipeline) -> bool:
-            self._require(pipe, version)
+            self._require_servable(pipe, version)
             state = self.read_pointer(pipe)
             cur, pin = state.current, state.pinned
             if pin is not None and respect_pin:
@@ -743,11 +772,44 @@ class VersionStore:
 
         return self.r.transaction(txn, *self.pointer_watches(), value_from_callable=True)
 
+    def promote(self, version: int, reason: str = "promote") -> None:
+        """Serve a version the promotion gate rejected: an operator overrules the gate. Its
+        registry entry says so from then on (``gate = "promoted by operator"``)."""
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            self._require(pipe, version)
+            state = self.read_pointer(pipe)
+            raw = pipe.hget(self.keys.versions_registry, str(int(version)))
+            info = VersionInfo.model_validate_json(raw)
+            if info.gate != "rejected":
+                raise NotRejectedError(
+                    f"version {version} was not rejected by the promotion gate "
+                    f"(gate: {info.gate}); serve it with a pin"
+                )
+            if state.pinned is not None:
+                raise PinnedError(
+                    f"the pointer is pinned to version {state.pinned}; unpin it before a promote"
+                )
+            pipe.multi()
+            entry = info.model_copy(update={"gate": "promoted by operator"})
+            pipe.hset(self.keys.versions_registry, str(int(version)), entry.model_dump_json())
+            self.stage_move(pipe, "set", int(version), state.current, None, reason)
+
+        self.r.transaction(txn, *self.pointer_watches(), self.keys.versions_registry)
+
+    def _require_servable(self, pipe: redis.client.Pipeline, version: int) -> None:
+        self._require(pipe, version)
+        raw = pipe.hget(self.keys.versions_registry, str(int(version)))
+        if not VersionInfo.model_validate_json(raw).servable:
+            raise RejectedVersionError(
+                f"version {version} was rejected by the promotion gate; promote it to serve it"
+            )
+
     def pin(self, version: int, reason: str = "pin") -> None:
         """Serve `version` and keep serving it until `unpin`."""
 
         def txn(pipe: redis.client.Pipeline) -> None:
-            self._require(pipe, version)
+            self._require_servable(pipe, version)
             cur = self.read_pointer(pipe).current
             pipe.multi()
             pipe.set(self.keys.version_pinned, int(version))
@@ -760,8 +822,11 @@ class VersionStore:
 
         def txn(pipe: redis.client.Pipeline) -> int | None:
             cur = self.read_pointer(pipe).current
-            keys = pipe.hkeys(self.keys.versions_registry)
-            latest = max((int(v) for v in keys), default=None)
+            entries = pipe.hvals(self.keys.versions_registry)
+            latest = max(
+                (i.version for i in map(VersionInfo.model_validate_json, entries) if i.servable),
+                default=None,
+            )
             new = latest if to_latest and latest is not None else cur
             pipe.multi()
             pipe.delete(self.keys.version_pinned)
@@ -828,14 +893,16 @@ class VersionStore:
         return 0
 
     def _save_initial(self, payload: Version0) -> None:
-        if not isinstance(payload, tuple) or len(payload) not in (2, 3):
+        if not isinstance(payload, tuple) or len(payload) not in (2, 3, 4):
             raise MetadataError(
-                "the version 0 factory must return (tensors, metadata) or "
-                "(tensors, metadata, memory)"
+                "the version 0 factory must return (tensors, metadata), "
+                "(tensors, metadata, memory) or (tensors, metadata, memory, holdout)"
             )
         tensors, metadata = payload[0], payload[1]
-        memory = payload[2] if len(payload) == 3 else {}
-        self.save(0, tensors, {"parent_version": None, "step": 0, **dict(metadata)}, memory)
+        memory = payload[2] if len(payload) >= 3 else {}
+        holdout = payload[3] if len(payload) == 4 else None
+        meta = {"parent_version": None, "step": 0, **dict(metadata)}
+        self.save(0, tensors, meta, memory, holdout)
 
 
 def _pointer_state(cur: bytes | None, pin: bytes | None, hist: Iterable[bytes]) -> PointerState:

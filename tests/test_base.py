@@ -27,6 +27,7 @@ from learner.base import (
 )
 from learner.core.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
 from learner.core.evaluate import infer
+from learner.core.gate import GateConfig
 from learner.core.model import IncrementalNet
 from learner.core.versioning import load_version
 from learner.data import load_dataset
@@ -87,7 +88,15 @@ def _worker_config(base: Path | None, backbone: str = "resnet8") -> WorkerConfig
         optim=OptimConfig(epochs=1, min_steps=0, batch_size=32),
         memory=MemoryConfig(mode="fixed_total", size=40),
     )
-    return WorkerConfig(step=step, seed=5, claim_timeout_s=2.0, poll_ms=100, base_model=base)
+    # Gate off: the test counts what the step trains on (tests/test_gate_worker.py has the gate).
+    return WorkerConfig(
+        step=step,
+        seed=5,
+        claim_timeout_s=2.0,
+        poll_ms=100,
+        base_model=base,
+        gate=GateConfig(enabled=False),
+    )
 
 
 def _rows(x: np.ndarray) -> list[bytes]:

@@ -23,6 +23,7 @@ import torch
 
 import learner.bench as bench
 from learner.core.config import ModelConfig, StepConfig
+from learner.core.gate import GateConfig
 from learner.core.model import IncrementalNet
 from learner.core.versioning import initial_payload, step_generator
 from learner.data import load_dataset
@@ -89,7 +90,8 @@ def fixture_lt_server(
 
 def offline_reference(result: dict[str, Any]) -> dict[str, Any]:
     """``learner.bench.run_protocol`` on the replay's protocol, config, seed and data, with
-    the thread count the learner worker used (it changes float rounding in training)."""
+    the thread count the learner worker used (it changes float rounding in training) and the
+    worker's promotion gate (its defaults: the stack runs with the gate on)."""
     protocol = get_protocol(PROTOCOL)
     dataset = load_dataset(protocol.dataset)
     order = resolve_class_order(protocol, dataset.train.class_names)
@@ -103,7 +105,7 @@ def offline_reference(result: dict[str, Any]) -> dict[str, Any]:
         return bench.run_protocol(
             short, config, dataset, short_order, seed=result["seed"],
             device=torch.device("cpu"), max_train_per_class=result["max_train_per_class"],
-            progress=False,
+            progress=False, gate=GateConfig(),
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -139,7 +141,9 @@ def test_replay_agrees_with_offline_runner(lt_server: LoadTestServer, tmp_path: 
     assert result["seed"] == SEED and result["step_rng"] == ["parent", "parent"]
     for step in result["steps"]:
         h = step["http"]
+        # 200 posted; the gate held 10 of each class's 100 out of training.
         assert h["learn_latency_seconds"] > 0 and h["train_images"] == 200
+        assert sum(step["counts"][-2:]) == 180
         assert h["predict_batch"] == 32  # halved from 256 on the server's 413s
     assert result["class_names"] == offline["class_names"]
     assert result["config"] == offline["config"]
@@ -153,6 +157,9 @@ def test_replay_agrees_with_offline_runner(lt_server: LoadTestServer, tmp_path: 
     for mine, theirs in zip(result["steps"], offline["steps"], strict=True):
         assert mine["counts"] == theirs["counts"]
         assert mine["loss_per_epoch"] == theirs["loss_per_epoch"]
+        # The same held-out images, the same verdict.
+        assert mine["gate"]["verdict"] == theirs["gate"]["verdict"]
+        assert mine["gate"]["heldout_images"] == theirs["gate"]["heldout_images"]
     for key in ("avg_incremental_accuracy", "last_accuracy", "forgetting"):
         assert abs(result["metrics"][key] - offline["metrics"][key]) <= 1.0, key
     comparison = replay.compare(result, offline)
@@ -184,9 +191,13 @@ def test_locust_headless_smoke(lt_server: LoadTestServer, tmp_path: Path) -> Non
     for key in ("rps", "p50_ms", "p95_ms", "p99_ms", "versions_seen", "swaps", "users", "date"):
         assert summary[key] is not None, key
     assert summary["workers"] == WORKERS and summary["users"] == 3
-    assert summary["updater"]["landed"] == 1
-    new = summary["updater"]["versions"][0]
-    assert new in summary["versions_seen"] and summary["swaps"] >= 1
+    # The update was learnt and served, or rejected by the promotion gate and never served.
+    updater = summary["updater"]
+    assert updater["landed"] + updater["rejected"] == 1
+    assert not set(updater["rejected_versions"]) & set(summary["versions_seen"])
+    if updater["landed"]:
+        new = updater["versions"][0]
+        assert new in summary["versions_seen"] and summary["swaps"] >= 1
     for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "summary.json").read_text())["requests"] == summary["requests"]

@@ -80,6 +80,8 @@ def fixture_server(
         BSCE_MAX_IMAGE_PIXELS=str(256 * 256),
     )
     worker_args = [
+        "--gate",
+        "off",
         "--base-model",
         "none",
         "--min-steps",

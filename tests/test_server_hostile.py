@@ -139,6 +139,32 @@ def test_a_restart_with_an_unloadable_version_serves_its_parent_degraded(hostile
     assert predict_image(h).json()["version"] == 2 and _metric(h, "bsce_degraded") == [0.0]
 
 
+def test_a_rejected_version_is_served_only_once_promoted(hostile: Hostile) -> None:
+    h = hostile
+    report = {"verdict": "rejected", "reasons": ["old classes' held-out accuracy fell"]}
+    save_version(h.storage, 3, ["a", "b", "c", "d"], serve=False, gate=report)
+    assert h.get("/versions/3").json()["gate"]["verdict"] == "rejected"
+    listed = {v["version"]: v["gate"] for v in h.get("/versions").json()["versions"]}
+    assert listed[3] == "rejected" and _metric(h, 'bsce_gate_versions{verdict="rejected"}') == [1.0]
+    before = snapshot(h)
+    assert_refused(h.post("/versions/pin", json={"version": 3}, headers=AUTH), 409, "promote")
+    assert h.post("/versions/3/promote").status_code == 401
+    assert_refused(h.post("/versions/2/promote", headers=AUTH), 409, "not rejected")
+    assert_refused(h.post("/versions/9/promote", headers=AUTH), 404, "9")
+    assert snapshot(h) == before and predict_image(h).json()["version"] == 2
+
+    moved = h.post("/versions/3/promote", headers=AUTH)
+    assert moved.status_code == 200 and moved.json() == {
+        "current": 3,
+        "pinned": None,
+        "previous": 2,
+    }
+    wait_until(lambda: predict_image(h).json()["version"] == 3, 120, "version 3 to serve")
+    assert h.get("/versions/3").json()["info"]["gate"] == "promoted by operator"
+    assert h.post("/versions/rollback", headers=AUTH).json()["current"] == 2
+    wait_until(lambda: predict_image(h).json()["version"] == 2, 120, "version 2 to serve")
+
+
 def _metric(h: Hostile, name: str) -> list[float]:
     return [
         float(line.rsplit(" ", 1)[1])

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -73,9 +74,10 @@ def save_version(
     active: Sequence[bool] | None = None,
     serve: bool = True,
     parent: int | None = -1,
+    gate: dict[str, Any] | None = None,
 ) -> None:
     """A resnet8 version with random weights (what the learner's commit would write);
-    its parent is `parent`, by default the version before."""
+    its parent is `parent`, by default the version before; `gate`, its gate report."""
     if version == 0 and not class_names:
         tensors, metadata = initial_payload(SMALL, seed=0)
     else:
@@ -91,6 +93,7 @@ def save_version(
             extra={
                 "parent_version": version - 1 if parent == -1 else parent,
                 "active_classes": list(active) if active is not None else [True] * len(class_names),
+                **({} if gate is None else {"gate": gate}),
             },
         )
     storage.versions.save(version, tensors, metadata)

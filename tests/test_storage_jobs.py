@@ -80,7 +80,7 @@ def test_submit_claim_complete(r: redis.Redis, prefix: str) -> None:
     q.complete(jid, version=4)  # idempotent
     with pytest.raises(JobStateError):
         q.complete(jid, version=5)
-    assert q.counts_by_state() == {"queued": 0, "running": 0, "done": 1, "failed": 0}
+    assert q.counts_by_state() == {"queued": 0, "running": 0, "done": 1, "failed": 0, "rejected": 0}
     assert [s.id for s in q.list(10)] == [jid]
 
 
@@ -237,7 +237,7 @@ def test_three_failures_mark_failed_and_stay_inspectable(r: redis.Redis, prefix:
     job = q.claim("w1", block_ms=0)
     assert job is not None and job.id == other
     # "other" is claimed but not marked running: still queued.
-    assert q.counts_by_state() == {"queued": 1, "running": 0, "done": 0, "failed": 1}
+    assert q.counts_by_state() == {"queued": 1, "running": 0, "done": 0, "failed": 1, "rejected": 0}
 
 
 def test_job_whose_worker_dies_three_times_is_failed(r: redis.Redis, prefix: str) -> None:

@@ -18,6 +18,7 @@ import torch
 
 import learner.worker as worker_module
 from learner.core.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
+from learner.core.gate import GateConfig
 from learner.core.overrides import JobOverrides, apply_overrides
 from learner.core.versioning import load_version
 from learner.data import load_dataset
@@ -77,6 +78,9 @@ def _config(epochs: int = 1) -> WorkerConfig:
         retry_base_s=0.05,
         store_retry_base_s=0.05,
         store_retry_max_s=0.5,
+        # These tests count what a step trains on; the gate's tests turn it on
+        # (tests/test_gate_worker.py).
+        gate=GateConfig(enabled=False),
     )
 
 
@@ -167,6 +171,8 @@ def _start_worker(env: dict[str, str], consumer: str, epochs: int) -> subprocess
         sys.executable,
         "-m",
         "learner.worker",
+        "--gate",
+        "off",
         "--base-model",
         "none",
         "--min-steps",

@@ -107,6 +107,7 @@ def test_idle_worker_survives_a_redis_restart_and_runs_the_next_job(
     }
     log_file = tmp_path / "worker.log"
     cmd = [sys.executable, "-m", "learner.worker", "--base-model", "none", "--min-steps", "0"]
+    cmd += ["--gate", "off"]
     cmd += ["--backbone", "resnet8", "--epochs", "1", "--memory", "40", "--device", "cpu"]
     with open(log_file, "w") as out:
         proc = subprocess.Popen(

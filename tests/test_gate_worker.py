@@ -1,0 +1,109 @@
+"""The promotion gate in the learner worker, against real Redis and a real model store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learner.core.config import MemoryConfig
+from learner.core.gate import GateConfig
+from learner.worker import Worker
+from storage import RejectedVersionError
+from tests.test_worker import CPU, _config, _samples, _storage, env, subset  # noqa: F401, F811
+
+GATED = GateConfig()
+
+
+def _gated(epochs: int = 6):
+    """Enough training (and memory) for a step on 100 images a class to keep the old
+    classes and learn the new ones, which the gate checks."""
+    config = _config(epochs=epochs)
+    step = config.step.model_copy(update={"memory": MemoryConfig(size=200)})
+    return config.model_copy(update={"gate": GATED, "step": step})
+
+
+def _two_steps(storage, data, worker: Worker, second_overrides: dict | None):
+    worker.ensure_initial_version()
+    storage.jobs.submit(*_samples(data, [0, 1], 100))
+    assert worker.run(once=True) == 1
+    second = storage.jobs.submit(*_samples(data, [2, 3], 100), overrides=second_overrides)
+    assert worker.run(once=True) == 1
+    return second
+
+
+@pytest.mark.integration
+def test_a_normal_job_is_promoted_and_holds_out_a_tenth(env, subset):  # noqa: F811
+    storage = _storage(env)
+    worker = Worker(storage, _gated(), CPU, consumer="w")
+    second = _two_steps(storage, subset, worker, None)
+    status = storage.jobs.status(second)
+    assert status.state == "done" and status.gate["verdict"] == "promoted"
+    assert storage.versions.current() == 2 and storage.versions.info(2).gate == "promoted"
+    meta = storage.versions.metadata(2)
+    # 100 posted a class, 10 held out; the chunks of both jobs are version 2's lineage.
+    assert meta["counts"][2:] == [90, 90] and meta["heldout_chunks"] == [1, 2]
+    held = storage.holdout.read(meta["heldout_chunks"])
+    assert {c: len(x) for c, x in held.items()} == {0: 10, 1: 10, 2: 10, 3: 10}
+    assert meta["gate"]["heldout_images"] == 40 and meta["gate"]["parent_version"] == 1
+    assert storage.versions.info(2).metrics["heldout_balance"] >= GATED.min_balance
+
+
+@pytest.mark.integration
+def test_a_diverged_job_is_rejected_and_the_pointer_stays(env, subset):  # noqa: F811
+    storage = _storage(env)
+    worker = Worker(storage, _gated(), CPU, consumer="w")
+    second = _two_steps(storage, subset, worker, {"lr": 10.0})
+    status = storage.jobs.status(second)
+    assert status.state == "rejected" and status.version == 2
+    assert status.gate["verdict"] == "rejected" and status.gate["reasons"]
+    assert "promotion gate rejected" in status.note and status.pointer_moved is False
+    assert storage.versions.current() == 1 and storage.versions.info(2).gate == "rejected"
+    # Never served unless promoted: a pin is refused, unpin serves the newest servable one.
+    with pytest.raises(RejectedVersionError):
+        storage.versions.pin(2)
+    assert storage.versions.unpin() == 1
+    # The next job builds on version 1, not on the rejected one.
+    third = storage.jobs.submit(*_samples(subset, [4], 100))
+    assert worker.run(once=True) == 1
+    assert storage.versions.metadata(3)["parent_version"] == 1
+    assert storage.jobs.status(third).state in ("done", "rejected")
+    storage.versions.promote(2)
+    assert storage.versions.current() == 2
+    assert storage.versions.info(2).gate == "promoted by operator"
+
+
+class _DiesWhileJudging(Worker):
+    """Dies (as a SIGKILL would: no cleanup of the claim) after the gate has evaluated."""
+
+    def _judge(self, *args, **kwargs):
+        report = super()._judge(*args, **kwargs)
+        raise _Killed(report)
+
+
+class _Killed(BaseException):
+    def __init__(self, report) -> None:
+        self.report = report
+
+
+@pytest.mark.integration
+def test_a_crash_during_the_gate_gives_the_same_decision_once(env, subset):  # noqa: F811
+    storage = _storage(env)
+    config = _gated()
+    Worker(storage, config, CPU, consumer="w1").ensure_initial_version()
+    job = storage.jobs.submit(*_samples(subset, [0, 1], 100))
+    with pytest.raises(_Killed) as killed:
+        _DiesWhileJudging(storage, config, CPU, consumer="w1").run(once=True)
+    assert storage.versions.list()[-1].version == 0  # nothing committed
+    # The claim times out (2 s) and another worker runs the job again, from the same parent
+    # and random stream: the same verdict, one version.
+    other = Worker(storage, config, CPU, consumer="w2")
+    while other.run(once=True) == 0:
+        pass
+    status = storage.jobs.status(job)
+    assert status.version == 1 and [v.version for v in storage.versions.list()] == [0, 1]
+    assert status.gate["verdict"] == killed.value.report.verdict
+    assert status.gate["classes"] == [c.model_dump() for c in killed.value.report.classes]
+    torch.testing.assert_close(
+        torch.tensor(status.gate["old_accuracy"] or 0.0),
+        torch.tensor(killed.value.report.old_accuracy or 0.0),
+    )
