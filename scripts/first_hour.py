@@ -14,8 +14,9 @@ After each post it prints every known class's accuracy through ``/predict``, the
 the old classes (known before the post) and the new ones, and the seconds from the POST to
 the first answer of the version that learned them. With ``--joint`` it also trains the joint
 bound offline: the same network trained once from scratch on the base data and every posted
-image, with the base model's recipe and epochs (`joint_bound`); that is what this data and
-budget give without incremental learning. Figures go to ``OUT/first_hour_<date>.json``.
+image, with the base model's recipe, for as many optimizer steps as the base model and the
+posts' versions took together (`joint_bound`); that is what this data and budget give without
+incremental learning. Figures go to ``OUT/first_hour_<date>.json``.
 """
 
 from __future__ import annotations
@@ -109,7 +110,12 @@ def run_posts(client: Client, args: argparse.Namespace, subset: Dataset, test: A
         t0 = time.monotonic()
         accepted, _ = client.learn(encode_images(images), labels)
         status = client.wait_job(accepted["job_id"], timeout_s=3600)
-        served_at = wait_served(client, status["version"], probe)
+        serving = status["version"]
+        if status["state"] == "rejected":
+            # Saved, not served: users keep the version the pointer names.
+            print(f"  the promotion gate rejected version {serving}: {status.get('gate')}")
+            serving = client.get_json("/versions/current")["version"]
+        served_at = wait_served(client, serving, probe)
         old = list(known)
         known += [c for c in post if c not in known]
         acc, version = accuracy_by_class(client, test_images(test, known))
@@ -121,6 +127,8 @@ def run_posts(client: Client, args: argparse.Namespace, subset: Dataset, test: A
             "seconds_to_served": served_at - t0,
             "job": {k: status.get(k) for k in ("version", "created", "started", "finished")},
             "report": detail.get("report"),
+            "job_state": status["state"],
+            "gate": detail.get("gate"),
             "config": detail.get("config"),
             "accuracy": acc,
             "old_mean": float(np.mean([acc[c] for c in old])) if old else None,
@@ -215,8 +223,10 @@ def joint_bound(
     rows: list[dict[str, Any]], base_file: Path, subset: Dataset, test: Any
 ) -> list[dict[str, Any]]:
     """The joint bound (ours): the same network trained once, from scratch, on the base data
-    and every posted image together, with the base model's recipe and epochs (BSCE over the
-    joint counts; no memory or distillation, there is nothing to remember). Trained once on
+    and every posted image together, with the base model's recipe (BSCE over the joint counts;
+    no memory or distillation, there is nothing to remember) at the same budget: at least as
+    many optimizer steps as the base model and every post's version took (whole epochs, so a
+    few more; the step report of each version says how many). Trained once on
     all classes; after post k it predicts among the classes known after post k (the columns
     of the others are left out), which stands in for k joint models, one per post."""
     from learner.base import load_base
@@ -238,14 +248,18 @@ def joint_bound(
         xs.append(torch.from_numpy(images))
         ys.append(torch.tensor([names.index(c) for c in labels]))
     recipe = StepConfig.model_validate(metadata["config"])
+    budget = served_steps(metadata, rows)
     config = recipe.model_copy(
-        update={"memory": recipe.memory.model_copy(update={"mode": "none", "size": 0})}
+        update={
+            "memory": recipe.memory.model_copy(update={"mode": "none", "size": 0}),
+            "optim": recipe.optim.model_copy(update={"epochs": 1, "min_steps": budget}),
+        }
     )
     g = torch.Generator().manual_seed(int(metadata.get("seed", 1993)))
     model = IncrementalNet.create(config.model, g)
     print(
         f"joint bound: {len(names)} classes, {sum(len(y) for y in ys)} images, "
-        f"{config.optim.epochs} epochs from scratch ...",
+        f"at least {budget} optimizer steps (the served versions' total) from scratch ...",
         flush=True,
     )
     t0 = time.monotonic()
@@ -278,12 +292,21 @@ def joint_bound(
                 "accuracy": acc,
                 "mean": float(np.mean(list(acc.values()))),
                 "train_seconds": train_seconds,
-                "epochs": config.optim.epochs,
+                "epochs": result.report.epochs,
                 "optimizer_steps": result.report.optimizer_steps,
+                "served_optimizer_steps": budget,
             }
         )
         print(f"joint bound after {'+'.join(row['post'])}: mean {out[-1]['mean']:.1f}", flush=True)
     return out
+
+
+def served_steps(base_metadata: dict[str, Any], rows: list[dict[str, Any]]) -> int:
+    """Optimizer steps behind the last served version: the base model's and every post's."""
+    reports = [base_metadata.get("report"), *(row.get("report") for row in rows)]
+    if any(not r or "optimizer_steps" not in r for r in reports):
+        raise SystemExit("a version has no step report with optimizer_steps; cannot size the bound")
+    return sum(int(r["optimizer_steps"]) for r in reports)
 
 
 def _base_data(train: Any, names: list[str], limit: int | None) -> tuple[Any, Any]:
