@@ -1,8 +1,9 @@
 """One incremental step: train on new data plus exemplars, then select the new memory.
 
-The loop is shared by every method; what differs (the loss, the distillation terms, a stage
-after training) comes from the step's method (learner.methods). No method here adds a
-separate bias-correction stage after BSCE.
+The loop is shared by every method; what differs (the model's head, a held-out split, the
+loss, the distillation terms, a stage after training) comes from the step's method
+(learner.methods, whose base module lists the hooks in order). BSCE has no stage after
+training; the bias-correction methods it is compared with do.
 The function is pure in its inputs: the caller's model and memory are left untouched.
 """
 
@@ -13,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -23,6 +25,7 @@ from learner.core.evaluate import class_means_from_features, infer
 from learner.core.model import IncrementalNet
 from learner.exemplars import ExemplarMemory, herding, random_selection
 from learner.methods import Method, build_method
+from learner.methods.base import HeldOut, Stage
 
 # Below this size a step's training set is copied to an accelerator once, so that batches
 # are gathered there instead of crossing the bus every iteration.
@@ -64,8 +67,12 @@ class StepReport(BaseModel):
     optimizer_steps: int = 0
     images_trained: int
     loss_per_epoch: list[float]
+    # The training loop; a second stage after it (BiC, WA, EEIL) is timed apart, so that a
+    # method's training cost is train_seconds + stage_seconds.
     train_seconds: float
     train_images_per_second: float
+    stage_seconds: float = 0.0
+    stage: dict[str, Any] | None = None  # what the stage did (None: the method has none)
     feature_seconds: float
     herding_seconds: float
     class_mean_seconds: float
@@ -116,32 +123,52 @@ def train_step(
     old = model.num_classes
     seen = max(old, int(data.labels.max()) + 1)
     step_classes = sorted(int(c) for c in data.labels.unique())
+    method = build_method(config)
 
     student = copy.deepcopy(model).cpu()
     student.grow(seen, generator)
     student = _prepare(student, device)
+    method.prepare_model(student, data.images, data.labels, old, device)
     teacher = None
-    if config.distill.enabled and old > 0:
+    if method.distills and config.distill.enabled and old > 0:
         teacher = _prepare(copy.deepcopy(model), device).eval().requires_grad_(False)
 
-    replay = memory.training_set()
-    images, labels = data.images, data.labels
-    if replay is not None:
-        images, labels = torch.cat([images, replay[0]]), torch.cat([labels, replay[1]])
+    images, labels, held_out = _training_set(method, data, memory, old, generator)
     counts = torch.bincount(labels, minlength=seen)
     if device.type != "cpu" and images.numel() < _ON_DEVICE_BYTES:
         images, labels = images.to(device), labels.to(device)
 
-    method = build_method(config)
     method.before_training(counts, device)
-    lam = config.distill.weight_for(old, seen) if teacher is not None else 0.0
+    lam = method.distill_weight(old, seen) if teacher is not None else 0.0
     budget = resolve_budget(config.optim, int(labels.shape[0]))
+
+    def train(x: torch.Tensor, y: torch.Tensor, optim: OptimConfig) -> list[float]:
+        b = resolve_budget(optim, int(y.shape[0]))
+        c = config.model_copy(update={"optim": optim})
+        return _train(student, teacher, x, y, method, lam, b, c, device, generator, None)
+
     losses = _train(
         student, teacher, images, labels, method, lam, budget, config, device, generator, on_epoch
     )
-    method.after_training(student)
     train_seconds = time.perf_counter() - start
     images_trained = budget.epochs * int(labels.shape[0])
+
+    t = time.perf_counter()
+    stage = method.after_training(
+        Stage(
+            student=student,
+            teacher=teacher,
+            images=images,
+            labels=labels,
+            held_out=held_out,
+            old_classes=old,
+            config=config,
+            device=device,
+            generator=generator,
+            train=train,
+        )
+    )
+    stage_seconds = 0.0 if stage is None else time.perf_counter() - t
 
     new_memory, class_means, timings = update_memory(
         student, data, memory, seen, config, device, generator
@@ -161,10 +188,32 @@ def train_step(
         loss_per_epoch=losses,
         train_seconds=train_seconds,
         train_images_per_second=images_trained / train_seconds,
+        stage_seconds=stage_seconds,
+        stage=stage,
         wall_seconds=time.perf_counter() - start,
         **timings,
     )
     return StepResult(student, new_memory, counts, class_means, report)
+
+
+def _training_set(
+    method: Method,
+    data: StepData,
+    memory: ExemplarMemory,
+    old: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, HeldOut | None]:
+    """The step's new data plus the exemplars, less what the method holds out."""
+    replay = memory.training_set()
+    if method.memory == "required" and old > 0 and replay is None:
+        raise ValueError(
+            f"method {method.name!r} needs exemplars of the old classes, and this step has "
+            "none (memory size 0?): use a memory, or a method that works without one"
+        )
+    images, labels = data.images, data.labels
+    if replay is not None:
+        images, labels = torch.cat([images, replay[0]]), torch.cat([labels, replay[1]])
+    return method.split_training_set(images, labels, old, generator)
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,7 @@ GET_ROUTES: list[tuple[str, Callable[[Request], Any], type[BaseModel], str]] = [
     ("/health", _http_health, Health, "Readiness in detail (503 when not ready)"),
 ]
 
+
 async def _http_promote(request: Request) -> Response:
     # A path parameter, which BentoML's @api routes do not take: served by the mounted app.
     version = request.path_params["version"]

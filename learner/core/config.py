@@ -139,6 +139,57 @@ class ModelConfig(_Frozen):
     channels_last: bool = True
 
 
+# The hyperparameters of the comparison methods (learner/methods/*), one section per method
+# family; a method reads only its own section, and every result records all of them. Each
+# method module's docstring says which values follow its paper and which are ours.
+
+
+class LwFConfig(_Frozen):
+    """LwF (Li and Hoiem, 2016): ``CE + weight * KD``; the paper's lambda_o is 1."""
+
+    weight: float = Field(1.0, ge=0)
+
+
+class BalancedFinetuneConfig(_Frozen):
+    """EEIL's class-balanced fine-tuning stage (Castro et al., 2018): the whole network on a
+    subset with as many samples per class as an old class has exemplars, at a small lr."""
+
+    # Ours: None is the step's epochs (``optim.epochs``, at least ``optim.min_steps``
+    # optimizer steps, as a step resolves them), for one budget across methods. EEIL: 30
+    # epochs after 40 of training, i.e. in about the same proportion.
+    epochs: int | None = Field(None, ge=1)
+    # EEIL fine-tunes at 0.01 after training at 0.1: a tenth of the step's lr.
+    lr_factor: float = Field(0.1, gt=0, le=1)
+
+
+class BiCConfig(_Frozen):
+    """BiC (Wu et al., 2019): a balanced held-out split, one (alpha, beta) fitted on it."""
+
+    # The paper splits old exemplars and new data 9:1 into training and validation; the
+    # split takes as many samples from each new class as from each old one.
+    held_out_fraction: float = Field(0.1, gt=0, lt=1)
+    # Ours: the pair is fitted by L-BFGS on the held-out logits (a convex problem, so full
+    # batch until converged) instead of the paper's SGD epochs.
+    max_iter: int = Field(100, ge=1)
+    # ``penalty * ((alpha - 1)^2 + beta^2) / 2`` added to the fit, so that a small held-out
+    # set cannot drive the pair to extremes. The BiC code puts 0.1 * beta^2 / 2 on beta; the
+    # alpha term is ours.
+    penalty: float = Field(0.1, ge=0)
+
+
+class LucirConfig(_Frozen):
+    """LUCIR (Hou et al., 2019) on CIFAR: lambda_base 5, K = 2 hard negatives, margin 0.5,
+    margin-ranking weight 1; sigma is learnt and starts at 1."""
+
+    lambda_base: float = Field(5.0, ge=0)
+    hard_negatives: int = Field(2, ge=1)
+    margin: float = Field(0.5, ge=0)
+    margin_weight: float = Field(1.0, ge=0)
+    sigma: float = Field(1.0, gt=0)
+    # New classes' rows start at their class's mean feature, as the LUCIR code does.
+    imprint: bool = True
+
+
 class StepConfig(_Frozen):
     """Everything one incremental step needs besides data, model, memory, device and RNG."""
 
@@ -150,3 +201,7 @@ class StepConfig(_Frozen):
     memory: MemoryConfig = MemoryConfig()
     augment: AugmentConfig = AugmentConfig()
     eval_batch_size: int = Field(128, ge=1)
+    lwf: LwFConfig = LwFConfig()
+    balanced_finetune: BalancedFinetuneConfig = BalancedFinetuneConfig()
+    bic: BiCConfig = BiCConfig()
+    lucir: LucirConfig = LucirConfig()

@@ -36,6 +36,51 @@ METHODS = MappingProxyType(
                 "plain cross-entropy + logit distillation: the paper's baseline",
                 "learner.methods.ce:CrossEntropy",
             ),
+            MethodInfo(
+                "finetune",
+                "cross-entropy with replay, no distillation (ER; fine-tuning without memory)",
+                "learner.methods.finetune:Finetune",
+            ),
+            MethodInfo(
+                "lwf",
+                "LwF: cross-entropy + logit distillation, no memory (Li and Hoiem, 2016)",
+                "learner.methods.lwf:LwF",
+            ),
+            MethodInfo(
+                "icarl",
+                "iCaRL: sigmoid BCE + distillation, nearest-mean classifier (Rebuffi et al., 2017)",
+                "learner.methods.icarl:ICaRL",
+            ),
+            MethodInfo(
+                "eeil",
+                "EEIL: CE + distillation, then class-balanced fine-tuning (Castro et al., 2018)",
+                "learner.methods.eeil:EEIL",
+            ),
+            MethodInfo(
+                "bic",
+                "BiC: CE + distillation, then a bias layer on the new logits (Wu et al., 2019)",
+                "learner.methods.bic:BiC",
+            ),
+            MethodInfo(
+                "wa",
+                "WA: CE + distillation, then weight aligning (Zhao et al., 2020)",
+                "learner.methods.wa:WeightAligning",
+            ),
+            MethodInfo(
+                "lucir",
+                "LUCIR: cosine head, less-forget constraint, margin ranking (Hou et al., 2019)",
+                "learner.methods.lucir:Lucir",
+            ),
+            MethodInfo(
+                "bsce-lucir",
+                "BSCE as the classification loss of LUCIR",
+                "learner.methods.bsce_lucir:BalancedLucir",
+            ),
+            MethodInfo(
+                "bsce-eeil",
+                "BSCE + distillation, then EEIL's balanced fine-tuning (bsce: BSCE in its place)",
+                "learner.methods.bsce_eeil:BalancedEEIL",
+            ),
         )
     }
 )

@@ -2,10 +2,15 @@
 holds their implementations, one module each, imported on demand.
 
 A method (`Method`, FACIL's "approach") says what differs between recipes and nothing else:
-the logit adjustment it trains with, its classification loss, its distillation terms and any
-stage after training (every method is read from the CNN head and from NME alike). The training loop, data,
-augmentation, schedule, memory and random stream are shared (learner.step), so two methods
-run with one seed differ only where their classes differ.
+the head it trains (LUCIR's cosine classifier, BiC's bias layer), a held-out split, the logit
+adjustment it trains with, its classification loss, its distillation terms and any stage after
+training (``base`` lists the hooks). The training loop, data, augmentation, schedule, memory
+and random stream are shared (learner.step), so two methods run with one seed differ only
+where their classes differ. Every run evaluates the CNN head and, with exemplars, the nearest
+mean of exemplars; ``Method.classifier`` says which one a method is read from (iCaRL: NME).
+Each module's docstring cites its paper and says which hyperparameters follow it and which
+are ours; the hyperparameters are sections of ``StepConfig`` (``lwf``, ``balanced_finetune``,
+``bic``, ``lucir``), so every result records them.
 """
 
 from __future__ import annotations
