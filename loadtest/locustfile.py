@@ -63,6 +63,19 @@ def _options(parser: Any) -> None:
         default=-1.0,
         help="end the run this many s after the last update landed (<0: run to --run-time)",
     )
+    g.add_argument(
+        "--bsce-bad-update",
+        type=int,
+        default=-1,
+        help="post this update (0-based) with lr 10, a diverging job the promotion gate must "
+        "reject (-1: none)",
+    )
+    g.add_argument(
+        "--bsce-update-classes",
+        default="",
+        help="comma-separated subset classes the updates post, in turn (default: all), e.g. "
+        "the ones a base model does not know",
+    )
     g.add_argument("--bsce-tag", default="", help="tag in the new class names (default: random)")
     g.add_argument("--bsce-records", default="", help="JSON-lines file for every request")
 
@@ -246,14 +259,24 @@ class UpdaterUser(FastHttpUser):
             return
         pool = _pool()
         n = self.posted
-        cls = n % len(pool["classes"])
+        chosen = [c for c in o.bsce_update_classes.split(",") if c] or pool["classes"]
+        cls = pool["classes"].index(chosen[n % len(chosen)])
         images = pool["train"][cls][: o.bsce_update_images]
         name = f"lt-{self.tag}-{n:03d}-{pool['classes'][cls]}"
         body: dict[str, Any] = {"images": images, "labels": [name] * len(images)}
         if o.bsce_update_epochs > 0:
             body["overrides"] = {"epochs": o.bsce_update_epochs}
+        bad = n == o.bsce_bad_update
+        if bad:
+            body["overrides"] = {**body.get("overrides", {}), "lr": 10.0}
         self.posted += 1
-        job: dict[str, Any] = {"n": n, "class": name, "posted": time.time(), "images": len(images)}
+        job: dict[str, Any] = {
+            "n": n,
+            "class": name,
+            "posted": time.time(),
+            "images": len(images),
+            "bad": bad,
+        }
         JOBS.append(job)
         with self.client.post(
             "/learn", json=body, headers=_headers(self), name="/learn", catch_response=True

@@ -295,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-s", type=float, default=1.0, help="W after each swap (s)")
     p.add_argument("--tail", type=float, default=10.0, help="s of traffic after the last landing")
     p.add_argument("--max-duration", type=float, default=600.0, help="upper bound of the run (s)")
+    p.add_argument(
+        "--bad-update",
+        type=int,
+        default=-1,
+        help="post update N (0-based) with lr 10: the promotion gate must reject it and no "
+        "prediction may come from its version (-1: none)",
+    )
+    p.add_argument(
+        "--update-classes",
+        default="",
+        help="comma-separated subset classes the updates post in turn (default: all)",
+    )
     p.add_argument("--out", type=Path, default=Path("results"))
     p.set_defaults(first_update_after=10.0)
     return p
@@ -341,6 +353,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.max_duration,
         base,
         stop_after_updates_s=args.tail,
+        extra_args=[
+            "--bsce-bad-update",
+            str(args.bad_update),
+            "--bsce-update-classes",
+            args.update_classes,
+        ],
         **locust_options(args),
     )
     after = swap_metrics(args.url, args.token)
@@ -357,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "training_intervals": analysis["training_intervals"],
         "latency": analysis["latency"],
         "server_swaps": swap_counter_deltas(before, after),
+        "bad_update": bad_update_outcome(summary, args.bad_update),
         "plot": str(png),
     }
     path = base.with_suffix(".json")
@@ -364,13 +383,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_summary(summary))
     print_latency(analysis["latency"])
     print(f"wrote {path} and {png}")
-    if summary["updater"]["landed"] < args.updates:
+    bad = result["bad_update"]
+    if bad is not None:
         print(
-            f"only {summary['updater']['landed']} of {args.updates} updates landed",
+            f"bad update (lr 10): job {bad['state']}, version {bad['version']}, "
+            f"served to any prediction: {bad['served']}"
+        )
+    good = summary["updater"]["landed"] + (0 if bad is None else 1)
+    if good < args.updates or (bad is not None and (bad["state"] != "rejected" or bad["served"])):
+        print(
+            f"{summary['updater']['landed']} of {args.updates} updates landed"
+            + ("" if bad is None else f"; the bad one: {bad}"),
             file=sys.stderr,
         )
         sys.exit(2)
     return result
+
+
+def bad_update_outcome(summary: dict[str, Any], index: int) -> dict[str, Any] | None:
+    """What became of the diverging update: its job's state, its version, and whether any
+    prediction of the run was answered by that version."""
+    if index < 0:
+        return None
+    job = next((j for j in summary["updater"]["jobs"] if j.get("n") == index), None)
+    if job is None:
+        return {"state": "not posted", "version": None, "served": False}
+    version = job.get("version")
+    return {
+        "state": job.get("state"),
+        "version": version,
+        "served": version is not None and version in summary["versions_seen"],
+    }
 
 
 if __name__ == "__main__":

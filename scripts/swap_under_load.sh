@@ -5,6 +5,10 @@
 #
 #   scripts/swap_under_load.sh                         # resnet32 learner, 8 users, 5 updates
 #   USERS=16 UPDATES=8 BACKBONE=resnet8 scripts/swap_under_load.sh
+#   # the gate's drill: the default deployment (base model), good, bad (lr 10), good update
+#   BASE=default EPOCHS=4 UPDATES=3 scripts/swap_under_load.sh --update-images 100 \
+#       --update-epochs 0 --bad-update 1 --out results/swap_bad_update \
+#       --update-classes airplane,automobile,ship
 #
 # Redis: REDIS_URL if set (a key prefix of our own is used and deleted afterwards), else the
 # embedded Redis under a temporary BSCE_DATA_HOME. Extra arguments go to
@@ -22,7 +26,7 @@ EPOCHS=${EPOCHS:-1}
 OUT=${OUT:-results}
 PORT=${PORT:-$(free_port)}
 
-stack_start swap "$PORT" --base-model none --backbone "$BACKBONE" --memory "$MEMORY" --epochs "$EPOCHS"
+stack_start swap "$PORT" --base-model "${BASE:-none}" --backbone "$BACKBONE" --memory "$MEMORY" --epochs "$EPOCHS"
 
 $PY -m loadtest.swap_under_load --url "http://127.0.0.1:$PORT" --token "$TOKEN" \
     --users "$USERS" --spawn-rate "$SPAWN_RATE" --updates "$UPDATES" --out "$OUT" "$@"
