@@ -33,6 +33,16 @@ that fails the checks (learner/core/gate.py) is saved as ``rejected``: the point
 the job ends ``rejected`` with the gate's report. The classes of a base model have no held-out
 images (it trained on all of its data; its exemplars are training images, on which it scores
 far above what any later version can), so the gate judges posted classes only.
+
+The fast path (``--fast-path off`` turns it off). Before the full step, an interim version
+within seconds (learner/fast_path.py): the parent's network frozen, its head grown and the
+job's rows fit with BSCE on the features of the job's images and of the parent's exemplars
+(cached per version). It is judged by the gate like any version and committed with the
+parent's memory as its own generation; served when it passes and the pointer still names the
+parent. The full step then runs from the parent exactly as without the fast path (same
+random stream, same version contents) and replaces the interim. A retried job finds its
+interim (``P:versions:interim_by_job``) and makes none again. A rejected full version, or a
+job that fails for good, puts the pointer back from its interim on the parent.
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ from learner.cli import add_recipe_arguments, recipe_from_args
 from learner.core.config import ModelConfig, StepConfig
 from learner.core.gate import GateConfig, GateReport
 from learner.core.machine import describe_machine, resolve_device
+from learner.core.model import IncrementalNet
 from learner.core.overrides import apply_overrides
 from learner.core.versioning import (
     RNG_KEY,
@@ -76,6 +87,14 @@ from learner.core.versioning import (
 )
 from learner.data import DATASETS, augment_for
 from learner.exemplars import ExemplarMemory
+from learner.fast_path import (
+    ExemplarFeatures,
+    Features,
+    InterimFit,
+    fit_interim,
+    interim_generator,
+    memory_features,
+)
 from learner.gate import judge, split_holdout
 from learner.step import StepData, StepResult, resolve_budget, train_step
 from storage import (
@@ -124,6 +143,9 @@ class WorkerConfig(BaseModel):
     # The promotion gate (learner/gate.py): held-out images per class, and the checks a new
     # version passes before it is served.
     gate: GateConfig = GateConfig()
+    # The fast path (learner/fast_path.py): an interim version within seconds of each job,
+    # then the full step.
+    fast_path: bool = True
 
 
 def retry_delay(config: WorkerConfig, attempt: int) -> float:
@@ -157,6 +179,8 @@ class Worker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.stop_requested = threading.Event()
         self.abandon = threading.Event()
+        self.features = ExemplarFeatures()  # the fast path's, by version
+        self._warmed: int | None = None  # the version `_warm_features` last looked at
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -204,6 +228,7 @@ class Worker:
             if job is None:
                 if once and done:
                     break
+                self._warm_features()
                 continue
             self.process(job)
             done += 1
@@ -247,6 +272,8 @@ class Worker:
                 job.id, f"{type(exc).__name__}: {exc}", retry_after_s=delay, permanent=permanent
             ),
         )
+        if state == "failed":
+            self._settle(job.id, "withdrawing the interim of", self._withdraw(job.id))
         if permanent:
             log.error("job %s failed, not retried: %s", job.id, exc)
         elif state == "queued":
@@ -284,9 +311,11 @@ class Worker:
         return _Backoff(self.config.store_retry_base_s, self.config.store_retry_max_s, what)
 
     def _run_job(self, job: Job, heartbeat: _Heartbeat) -> int:
-        """Load the parent, train, commit: the version the job produced."""
+        """Load the parent, (the fast path's interim,) train, commit: the version the job
+        produced."""
         timings = _Timings(job)
-        done = self.storage.versions.version_for_job(job.id)
+        versions = self.storage.versions
+        done = versions.version_for_job(job.id)
         if done is not None:
             # Committed by an earlier attempt whose acknowledgement was lost.
             self.storage.jobs.complete(job.id, done)
@@ -294,23 +323,157 @@ class Worker:
         self.storage.jobs.mark_running(job.id)
         deadline = time.monotonic() + self.config.max_job_seconds
         step_config = apply_overrides(self.config.step, job.overrides)
-        version = self.storage.versions.next_version()
+        # An earlier attempt's interim: this one builds on its parent and makes no other.
+        interim = versions.interim_for_job(job.id)
+        # The job's first version number: the one it takes without the fast path, which a
+        # parent saved without its random stream seeds the step's stream with.
+        first = versions.next_version() if interim is None else interim
         # Read now: after training the store may be away, and the map is append-only.
         names = self.storage.labels.names()
         with timings.measure("load"):
-            parent = self._load_parent(version)
+            built_on = None if interim is None else versions.info(interim).parent_version
+            parent = self._load_parent(first, built_on)
         held = self._held_out(job, parent)
         self._check_budget(job, parent, step_config)
+        if interim is None and self._wants_interim(parent):
+            self._fast_path(job, parent, step_config, names, held, first, timings)
+        version = versions.next_version()
         run = _Run(job.id, heartbeat, deadline, step_config.optim.min_steps)
         result = self._train(job, parent, step_config, run, held.train)
         with timings.measure("gate"):
-            report = self._judge(result, parent, step_config, names, held)
+            report = self._judge(result.model, parent, step_config, names, held)
         chunks = held.chunks_after(version)
         tensors, metadata = self._payload(result, parent, step_config, names, report, chunks)
         with timings.measure("commit"):
-            committed = self._commit(job, version, tensors, metadata, result.memory, held.job)
+            status = {"full_seconds": timings.elapsed()}
+            committed = self._commit(
+                job, version, tensors, metadata, result.memory, held.job, status
+            )
         timings.log(committed, result.report.wall_seconds)
         return committed.version
+
+    # -- the fast path ----------------------------------------------------------------------
+
+    def _wants_interim(self, parent: _Parent) -> bool:
+        """An interim needs a parent that learned something: classes, and exemplars to fit
+        the new rows against (an untrained version 0, or no memory: no interim)."""
+        model = parent.state.model
+        return self.config.fast_path and model.num_classes > 0 and len(parent.memory) > 0
+
+    def _fast_path(
+        self,
+        job: Job,
+        parent: _Parent,
+        step_config: StepConfig,
+        names: list[str],
+        held: _HeldOut,
+        version: int,
+        timings: _Timings,
+    ) -> None:
+        """Fit, judge and commit the interim version `version` (served when the gate passes
+        it). A failure of the fit costs the interim only: the full step goes on."""
+        try:
+            with timings.measure("interim fit"):
+                fit = self._fit_interim(job, parent, step_config, held.train)
+            report = self._judge(fit.model, parent, step_config, names, held)
+        except (StorageError, _Abandoned, _TakenOver):
+            raise
+        except Exception:
+            log.exception("job %s: the fast path failed; the full step goes on", job.id)
+            return
+        chunks = held.chunks_after(version)
+        tensors, metadata = self._interim_payload(fit, parent, step_config, names, report, chunks)
+        status = {"interim_seconds": timings.elapsed()}
+        committed = self._commit_interim(
+            job, version, tensors, metadata, parent.memory, held, status
+        )
+        timings.seconds["interim"] = status["interim_seconds"]
+        log.info(
+            "job %s -> interim version %d (%s) %.2f s after the claim",
+            job.id,
+            committed.version,
+            "served" if committed.served else committed.note or "not served",
+            status["interim_seconds"],
+        )
+
+    def _fit_interim(
+        self, job: Job, parent: _Parent, step_config: StepConfig, train: torch.Tensor
+    ) -> InterimFit:
+        t0 = time.perf_counter()
+        augment, batch = step_config.augment, step_config.eval_batch_size
+        images = torch.from_numpy(np.ascontiguousarray(job.samples))[train]
+        labels = torch.tensor(job.indices, dtype=torch.int64)[train]
+        new = Features.of(parent.state.model, images, labels, augment, self.device, batch)
+        t1 = time.perf_counter()
+        cached = parent.version in self.features
+        exemplars = self._exemplar_features(parent, step_config)
+        t2 = time.perf_counter()
+        fit = fit_interim(
+            parent.state.model, new, exemplars, interim_generator(self.config.seed, job.id)
+        )
+        fit.report.update(
+            job_feature_seconds=t1 - t0,
+            exemplar_feature_seconds=t2 - t1,
+            exemplar_features_cached=cached,
+        )
+        return fit
+
+    def _exemplar_features(self, parent: _Parent, step_config: StepConfig) -> Features:
+        found = self.features.get(parent.version)
+        if found is None:
+            found = memory_features(
+                parent.state.model,
+                parent.memory,
+                step_config.augment,
+                self.device,
+                step_config.eval_batch_size,
+            )
+            self.features.put(parent.version, found)
+        return found
+
+    def _warm_features(self) -> None:
+        """While idle: the exemplar features of the version the next job builds on, so
+        that its interim does not wait for them."""
+        if not self.config.fast_path:
+            return
+        try:
+            versions = self.storage.versions
+            parent = versions.latest() if versions.pinned() is not None else versions.current()
+            if parent is None or parent == self._warmed or parent in self.features:
+                return
+            self._warmed = parent  # once: a version without classes or memory has none
+            loaded = self._read_parent(parent, parent)
+            if self._wants_interim(loaded):
+                self._exemplar_features(loaded, self.config.step)
+        except Exception as exc:  # only a cache: the job computes them if need be
+            log.debug("exemplar features not prepared: %s", exc)
+
+    def _commit_interim(
+        self,
+        job: Job,
+        version: int,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, Any],
+        memory: ExemplarMemory,
+        held: _HeldOut,
+        status: dict[str, float],
+    ) -> Committed:
+        """`Storage.commit_interim`, retried while the store is unreachable; a try whose
+        reply was lost is found by the job's interim record."""
+
+        def attempt() -> Committed:
+            done = self.storage.versions.interim_for_job(job.id)
+            if done is not None:
+                served = self.storage.versions.current() == done
+                return Committed(version=done, tag=self.storage.versions.tag(done), served=served)
+            return self.storage.commit_interim(
+                job.id, version, tensors, metadata, _arrays(memory), held.job, status
+            )
+
+        return self._until_stored(attempt, f"committing the interim of job {job.id}", self.abandon)
+
+    def _withdraw(self, job_id: str) -> Callable[[], bool]:
+        return lambda: self.storage.withdraw_interim(job_id)
 
     def _commit(
         self,
@@ -320,6 +483,7 @@ class Worker:
         metadata: dict[str, Any],
         memory: ExemplarMemory,
         holdout: dict[int, np.ndarray],
+        status: dict[str, float],
     ) -> Committed:
         """Commit the step, retried while the store is unreachable, so that an outage does
         not cost a trained step; a try whose reply was lost is found by its job id, so the
@@ -339,6 +503,7 @@ class Worker:
                 _arrays(memory),
                 reason=f"job {job.id}",
                 holdout=holdout,
+                status=status,
             )
 
         return self._until_stored(attempt, f"committing job {job.id}", self.abandon)
@@ -355,14 +520,16 @@ class Worker:
                 "(BSCE_MAX_JOB_STEPS); post fewer epochs, fewer steps or a larger batch size"
             )
 
-    def _load_parent(self, version: int) -> _Parent:
-        """What step `version` builds on: the served version or, while a pin holds serving
-        still, the newest (learning goes on behind a pin), with its memory generation.
+    def _load_parent(self, version: int, parent: int | None = None) -> _Parent:
+        """What step `version` builds on: `parent` when given (the parent of the job's
+        interim), else the served version or, while a pin holds serving still, the newest
+        (learning goes on behind a pin), with its memory generation.
 
         A parent that cannot be loaded is `ParentUnloadableError` (no retry fixes it); a
         store that does not answer is the store's error (transient)."""
         versions = self.storage.versions
-        parent = versions.latest() if versions.pinned() is not None else versions.current()
+        if parent is None:
+            parent = versions.latest() if versions.pinned() is not None else versions.current()
         if parent is None:
             parent = versions.latest()
         try:
@@ -406,7 +573,7 @@ class Worker:
 
     def _judge(
         self,
-        result: StepResult,
+        model: IncrementalNet,
         parent: _Parent,
         step_config: StepConfig,
         names: list[str],
@@ -416,12 +583,12 @@ class Worker:
             return None
         known = parent.state.model.num_classes
         return judge(
-            result.model,
+            model,
             parent.state.model,
             step_config.augment,
-            names[: result.model.num_classes],
+            names[: model.num_classes],
             held.all(),
-            [c for c in range(known, result.model.num_classes)],
+            [c for c in range(known, model.num_classes)],
             self.config.gate,
             self.device,
             parent_version=parent.version,
@@ -455,6 +622,11 @@ class Worker:
         heldout_chunks: list[int],
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The new version's tensors (weights, class means, random stream) and metadata."""
+        metrics = {
+            "train_seconds": result.report.train_seconds,
+            "train_images_per_second": result.report.train_images_per_second,
+            "exemplars": len(result.memory),
+        }
         return version_payload(
             result.model.cpu(),
             class_names=names[: result.model.num_classes],
@@ -463,24 +635,58 @@ class Worker:
             class_means=result.class_means,
             config=step_config,
             generator=parent.generator,
-            extra={
-                "parent_version": parent.version,
-                "step": int(parent.state.metadata.get("step", 0)) + 1,
-                "active_classes": _active_classes(parent.state.metadata, result.counts),
-                "seed": self.config.seed,
-                "rng": parent.rng,
-                "report": result.report.model_dump(),
-                "gate": None if report is None else report.model_dump(mode="json"),
-                "heldout_chunks": heldout_chunks,
-                "machine": describe_machine(self.device),
-                "metrics": {
-                    "train_seconds": result.report.train_seconds,
-                    "train_images_per_second": result.report.train_images_per_second,
-                    "exemplars": len(result.memory),
-                    **_gate_metrics(report),
-                },
-            },
+            extra=self._extra(
+                parent, result.counts, result.report.model_dump(), report, heldout_chunks, metrics
+            ),
         )
+
+    def _interim_payload(
+        self,
+        fit: InterimFit,
+        parent: _Parent,
+        step_config: StepConfig,
+        names: list[str],
+        report: GateReport | None,
+        heldout_chunks: list[int],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The interim's payload. Its random stream is the parent's, saved and not drawn
+        from (a step built on the interim continues the lineage's stream); its memory is the
+        parent's (it selects no exemplars)."""
+        metrics = {"fit_seconds": fit.report["fit_seconds"], "exemplars": len(parent.memory)}
+        extra = self._extra(parent, fit.counts, fit.report, report, heldout_chunks, metrics)
+        return version_payload(
+            fit.model,
+            class_names=names[: fit.model.num_classes],
+            counts=fit.counts.tolist(),
+            augment=step_config.augment,
+            class_means=fit.class_means,
+            config=step_config,
+            generator=parent.generator,
+            extra={"interim": True, **extra},
+        )
+
+    def _extra(
+        self,
+        parent: _Parent,
+        counts: torch.Tensor,
+        step_report: dict[str, Any],
+        report: GateReport | None,
+        heldout_chunks: list[int],
+        metrics: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The metadata a version records besides its network and classes."""
+        return {
+            "parent_version": parent.version,
+            "step": int(parent.state.metadata.get("step", 0)) + 1,
+            "active_classes": _active_classes(parent.state.metadata, counts),
+            "seed": self.config.seed,
+            "rng": parent.rng,
+            "report": step_report,
+            "gate": None if report is None else report.model_dump(mode="json"),
+            "heldout_chunks": heldout_chunks,
+            "machine": describe_machine(self.device),
+            "metrics": {**metrics, **_gate_metrics(report)},
+        }
 
     def _on_epoch(self, run: _Run, epoch: int, epochs: int, loss: float) -> None:
         # The resolved budget shows as the epoch count; the version's report keeps the rest
@@ -601,6 +807,10 @@ class _Timings:
         self.job_id = job.id
         self.seconds: dict[str, float] = {}
 
+    def elapsed(self) -> float:
+        """Seconds since the attempt started (the job was claimed)."""
+        return time.perf_counter() - self.start
+
     @contextmanager
     def measure(self, what: str) -> Iterator[None]:
         t = time.perf_counter()
@@ -611,13 +821,15 @@ class _Timings:
 
     def log(self, committed: Committed, train_s: float) -> None:
         total_s = time.perf_counter() - self.start
+        interim = self.seconds.get("interim")
         log.info(
-            "job %s -> version %d (%s): queued %.1f s, load %.2f s, train step %.1f s, "
+            "job %s -> version %d (%s): queued %.1f s, %sload %.2f s, train step %.1f s, "
             "gate %.2f s, commit %.2f s, storage+queue overhead %.1f%% of the step",
             self.job_id,
             committed.version,
             "served" if committed.served else committed.note or "not served",
             self.queued_s,
+            "" if interim is None else f"interim committed at {interim:.2f} s, ",
             self.seconds.get("load", 0.0),
             train_s,
             self.seconds.get("gate", 0.0),
@@ -688,6 +900,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         if args.base_model is None
         else resolve_base_model(args.base_model),
         gate=_gate_from_args(args),
+        fast_path=args.fast_path == "on",
         **{f: getattr(args, f) for f in _OPERATOR_FIELDS if getattr(args, f) is not None},
     )
 
@@ -780,6 +993,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"(BSCE_{field.upper()}, default {WorkerConfig.model_fields[field].default})",
         )
     _add_gate_arguments(p)
+    p.add_argument(
+        "--fast-path",
+        choices=["on", "off"],
+        default=env("BSCE_FAST_PATH", "on"),
+        help="an interim version within seconds of each job (the parent's network frozen, the "
+        "head refit on features), then the full step (BSCE_FAST_PATH, default on)",
+    )
     p.add_argument("--once", action="store_true", help="process one job, then exit")
     return p
 

@@ -258,9 +258,10 @@ def worker_args(device: str) -> list[str]:
     """Small, fast steps; a dead worker's job is taken over after 10 s; store retries
     every 0.1 s up to 2 s, so a drill does not wait long for a reconnect. The promotion gate
     is off: these steps are too small to pass it, and each drill expects its version served
-    (the gate has its own tests)."""
-    return ["--gate", "off", "--base-model", "none", "--min-steps", "0", "--backbone", "resnet8",
-            "--epochs", "1", "--memory", "40", "--claim-timeout", "10", "--device", device,
+    (the gate has its own tests). The fast path is off: the drills name the versions their
+    jobs make, one a job (its interims have their own tests, tests/test_fast_path.py)."""
+    return ["--gate", "off", "--fast-path", "off", "--base-model", "none", "--min-steps", "0",
+            "--backbone", "resnet8", "--epochs", "1", "--memory", "40", "--claim-timeout", "10", "--device", device,
             "--threads", "1", "--seed", "1993", "--retry-base-s", "1",
             "--store-retry-base-s", "0.1", "--store-retry-max-s", "2"]  # fmt: skip
 

@@ -31,7 +31,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,11 +106,14 @@ def predict_all(
     batch: int,
     top_k: int = 5,
     max_stale: int = 600,
+    passing: Collection[int] = (),
 ) -> tuple[list[list[str]], dict[str, Any]]:
     """Top-k label names of every image, all answered by `version`.
 
     A chunk answered by another version (a worker that has not swapped yet) is sent again;
-    a 413 halves the chunk size (the server's BSCE_MAX_BATCH / body limit).
+    a 413 halves the chunk size (the server's BSCE_MAX_BATCH / body limit). `passing`:
+    newer versions that may still answer for a moment (the step's interim, withdrawn when
+    its full version was rejected); any other newer one means someone else posts.
     """
     out: list[list[str]] = []
     requests_sent = stale = 0
@@ -127,7 +130,7 @@ def predict_all(
             raise
         requests_sent += 1
         if answer["version"] != version:
-            if answer["version"] > version:
+            if answer["version"] > version and answer["version"] not in passing:
                 raise ReplayError(
                     f"the server answers with version {answer['version']} while the replay "
                     f"evaluates {version}: something else is posting to this server"
@@ -477,7 +480,9 @@ class Replay:
             if status["state"] == "done"
             else self.client.get_json("/versions/current")["version"]
         )
-        served_at, test_images, eval_stats = self.evaluate(t, lo, int(serving))
+        interim = status.get("interim_version")
+        passing = () if interim is None else (int(interim),)
+        served_at, test_images, eval_stats = self.evaluate(t, lo, int(serving), passing)
         report, source, metrics = self.learner_report(version, lo, hi)
         report["accuracy"] = self.cnn_eval.result().accuracy_per_step[-1]
         report["memory"] = metrics.get("exemplars")
@@ -493,7 +498,9 @@ class Replay:
         )
         return report
 
-    def evaluate(self, t: int, lo: int, version: int) -> tuple[float, int, dict[str, Any]]:
+    def evaluate(
+        self, t: int, lo: int, version: int, passing: Collection[int] = ()
+    ) -> tuple[float, int, dict[str, Any]]:
         """Wait until `version` answers, then predict the test images of every class seen so
         far; (when it first answered, test images, evaluation stats)."""
         test = self.data.dataset.test
@@ -508,7 +515,9 @@ class Replay:
         served_at = wait_served(
             self.client, self.test_cache[lo][0], version, self.args.swap_timeout
         )
-        top, eval_stats = predict_all(self.client, batch_b64, version, self.args.predict_batch)
+        top, eval_stats = predict_all(
+            self.client, batch_b64, version, self.args.predict_batch, passing=passing
+        )
         y_pred, topk = to_learning_order(top, self.data.index_of, 5)
         self.cnn_eval.add_step(y_true, y_pred, self.data.step_sizes[: t + 1], topk_pred=topk)
         return served_at, len(batch_b64), eval_stats

@@ -42,7 +42,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -207,6 +207,26 @@ class JobStatus(BaseModel):
     note: str | None = None
     # The promotion gate's report on the job's version (learner.core.gate.GateReport).
     gate: dict[str, Any] | None = None
+    # The fast path (learner/fast_path.py), two stages: the interim version committed first,
+    # whether its commit served it (gate passed, pointer still on the parent, no pin), why
+    # not, its gate verdict, and the seconds from the attempt's start to each commit; then
+    # `version`, the full step's. `interim_withdrawn`: the full version was rejected and its
+    # commit put the pointer back from the interim on the parent (or the job failed).
+    interim_version: int | None = None
+    interim_served: bool | None = None
+    interim_note: str | None = None
+    interim_gate: str | None = None
+    interim_seconds: float | None = None
+    full_seconds: float | None = None
+    interim_withdrawn: bool | None = None
+
+
+@dataclass(frozen=True)
+class InterimRecord:
+    """What a job's status says of its interim version (read inside a commit)."""
+
+    version: int
+    served: bool
 
 
 @dataclass
@@ -634,6 +654,17 @@ class JobQueue:
 
     # -- completing inside a bigger transaction (Storage.commit_step) --------------------
 
+    def read_interim(self, pipe: redis.client.Pipeline, job_id: str) -> InterimRecord | None:
+        """Under WATCH of `watch_keys` (immediate mode): the job's interim version, if any."""
+        version, served = pipe.hmget(self.keys.job(job_id), ["interim_version", "interim_served"])
+        return None if version is None else InterimRecord(int(version), served == b"1")
+
+    def stage_fields(
+        self, pipe: redis.client.Pipeline, job_id: str, fields: Mapping[str, str | int | float]
+    ) -> None:
+        """Queue status fields of a running job (the interim's record), inside MULTI."""
+        pipe.hset(self.keys.job(job_id), mapping={k: str(v) for k, v in fields.items()})
+
     def watch_keys(self, job_id: str) -> builtins.list[str]:
         """The keys a caller of `check_completable` must WATCH."""
         return [self.keys.job(job_id)]
@@ -768,6 +799,7 @@ class JobQueue:
             pointer_moved=None if s("pointer_moved") is None else s("pointer_moved") == "1",
             note=s("note"),
             gate=None if s("gate") is None else json.loads(s("gate")),
+            **_interim_fields(s),
         )
 
     def list(self, limit: int = 50) -> builtins.list[JobStatus]:
@@ -793,6 +825,28 @@ class JobQueue:
         """Jobs handed to a worker and not yet acknowledged (0 or 1, see the module doc)."""
         info = self.r.xpending(self.keys.jobs_stream, JOB_GROUP)
         return int(info["pending"])
+
+
+def _interim_fields(s: Callable[[str], str | None]) -> dict[str, Any]:
+    """The fast path's fields of a status record (absent: None)."""
+
+    def num(name: str, kind: type) -> Any:
+        v = s(name)
+        return None if v in (None, "") else kind(v)
+
+    def flag(name: str) -> bool | None:
+        v = s(name)
+        return None if v is None else v == "1"
+
+    return {
+        "interim_version": num("interim_version", int),
+        "interim_served": flag("interim_served"),
+        "interim_note": s("interim_note"),
+        "interim_gate": s("interim_gate"),
+        "interim_seconds": num("interim_seconds", float),
+        "full_seconds": num("full_seconds", float),
+        "interim_withdrawn": flag("interim_withdrawn"),
+    }
 
 
 def _checked_classes(

@@ -24,6 +24,7 @@ P:job:<id>:samples          hash    data (raw bytes), dtype, shape
 P:idem:<sha256 of key>      string  JSON {digest, job}: a submission's idempotency key (24 h)
 P:versions:registry         hash    version -> VersionInfo JSON (the saved, complete ones)
 P:versions:by_job           hash    job id -> version it produced
+P:versions:interim_by_job   hash    job id -> its interim version (the fast path)
 P:versions:current          string  the version being served
 P:versions:history          list    earlier values of current, newest first (rollback stack)
 P:versions:pinned           string  the pinned version; absent when not pinned
@@ -125,6 +126,10 @@ class Keys:
     @property
     def versions_by_job(self) -> str:
         return self._k("versions", "by_job")
+
+    @property
+    def versions_interim_by_job(self) -> str:
+        return self._k("versions", "interim_by_job")
 
     @property
     def version_current(self) -> str:

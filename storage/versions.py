@@ -11,7 +11,9 @@ gives it when the `VersionStore` is made (or the `bentoml_home` argument).
 Registry. A version exists once it is registered in Redis (``P:versions:registry``), which
 happens after its files are complete; a crash in between leaves an unregistered directory
 that the next save of that number replaces. `next_version` is one past the highest
-registered version, so a job retried after a crash produces the same number again.
+registered version, so a job retried after a crash produces the same number again. A job's
+version is found under ``P:versions:by_job``; the fast path's interim version of a job
+(``interim`` in its entry) under ``P:versions:interim_by_job``.
 
 Pointer. ``P:versions:current`` is the version being served. Every change is published as
 JSON on the channel ``P:versions`` (see `Announcement`) and the value it replaced is pushed on
@@ -128,6 +130,9 @@ class VersionInfo(BaseModel):
     # operator promotes it), "promoted by operator" (rejected, then promoted), or None (saved
     # without the gate: version 0, a deployment with the gate off).
     gate: str | None = None
+    # The fast path's interim version of a job (learner/fast_path.py): the parent's feature
+    # extractor with a refitted head, served until the job's full version replaces it.
+    interim: bool = False
 
     @property
     def servable(self) -> bool:
@@ -139,10 +144,10 @@ class PointerState(BaseModel):
     pinned: int | None
     history: list[int]  # earlier values of current, newest first
 
-    def after_set(self, version: int) -> PointerState:
+    def after_set(self, version: int, push_history: bool = True) -> PointerState:
         """The state after a "set" move to `version` (what `stage_move` queues)."""
         history = list(self.history)
-        if self.current is not None and self.current != version:
+        if push_history and self.current is not None and self.current != version:
             history = [self.current, *history][:HISTORY_MAX]
         return PointerState(current=version, pinned=self.pinned, history=history)
 
@@ -176,6 +181,7 @@ class _KnownMetadata(BaseModel):
     job_id: str | None = None
     memory_generation: int | None = None
     gate: dict[str, Any] | None = None
+    interim: bool = False
 
 
 @dataclass(frozen=True)
@@ -304,6 +310,7 @@ def _bento_metadata(version: int, known: _KnownMetadata, created: datetime) -> d
             "created": created.isoformat(),
             "job_id": known.job_id,
             "memory_generation": known.memory_generation,
+            "interim": known.interim or None,
         }
     )
 
@@ -353,8 +360,8 @@ class VersionStore:
         )
 
     def latest_servable(self) -> int | None:
-        """The newest version the gate did not reject (what `unpin` serves)."""
-        return max((i.version for i in self.list() if i.servable), default=None)
+        """The newest version the gate did not reject, interims aside (what `unpin` serves)."""
+        return max((i.version for i in self.list() if i.servable and not i.interim), default=None)
 
     def latest(self) -> int | None:
         return max((int(k) for k in self.r.hkeys(self.keys.versions_registry)), default=None)
@@ -380,6 +387,11 @@ class VersionStore:
     def version_for_job(self, job_id: str) -> int | None:
         """The version a job produced, if it got that far (a retried job must not redo it)."""
         v = self.r.hget(self.keys.versions_by_job, job_id)
+        return None if v is None else int(v)
+
+    def interim_for_job(self, job_id: str) -> int | None:
+        """The interim version a job's fast path committed, if any (a retry makes none)."""
+        v = self.r.hget(self.keys.versions_interim_by_job, job_id)
         return None if v is None else int(v)
 
     # -- saving --------------------------------------------------------------------------
@@ -467,6 +479,7 @@ class VersionStore:
             size_bytes=size,
             memory_generation=known.memory_generation,
             gate=None if known.gate is None else known.gate.get("verdict"),
+            interim=known.interim,
         )
         return PendingVersion(info=info, lock_token=token, memory=prepared)
 
@@ -531,7 +544,10 @@ class VersionStore:
         info = pending.info
         pipe.hset(self.keys.versions_registry, str(info.version), info.model_dump_json())
         if info.job_id:
-            pipe.hset(self.keys.versions_by_job, info.job_id, info.version)
+            by_job = (
+                self.keys.versions_interim_by_job if info.interim else self.keys.versions_by_job
+            )
+            pipe.hset(by_job, info.job_id, info.version)
         if pending.memory is not None:
             self.exemplars.stage_write(pipe, pending.memory)
 
@@ -818,15 +834,16 @@ class VersionStore:
         self.r.transaction(txn, *self.pointer_watches())
 
     def unpin(self, to_latest: bool = True, reason: str = "unpin") -> int | None:
-        """Lift the pin; with `to_latest`, serve the newest version. The current version."""
+        """Lift the pin; with `to_latest`, serve the newest version (not rejected, not an
+        interim). The current version."""
 
         def txn(pipe: redis.client.Pipeline) -> int | None:
             cur = self.read_pointer(pipe).current
             entries = pipe.hvals(self.keys.versions_registry)
-            latest = max(
-                (i.version for i in map(VersionInfo.model_validate_json, entries) if i.servable),
-                default=None,
-            )
+            # An interim stands in for its job's full version while the job runs; it is
+            # never where an unpin lands (after a rejected full version, the parent is).
+            infos = map(VersionInfo.model_validate_json, entries)
+            latest = max((i.version for i in infos if i.servable and not i.interim), default=None)
             new = latest if to_latest and latest is not None else cur
             pipe.multi()
             pipe.delete(self.keys.version_pinned)

@@ -132,7 +132,9 @@ def test_replay_agrees_with_offline_runner(lt_server: LoadTestServer, tmp_path: 
     offline = offline_reference(result)
     assert set(offline) - {"nme"} <= set(result)
     assert result["source"] == "http" and result["url"] == lt_server.url
-    assert result["versions"] == [1, 2] and result["server"]["workers"] == WORKERS
+    # The stack runs the fast path (the worker's default): step 1 builds on the untrained
+    # version 0 (no interim), step 2 makes its interim (2) before its full version (3).
+    assert result["versions"] == [1, 3] and result["server"]["workers"] == WORKERS
     assert result["config_source"] == "api"
     assert result["config"]["model"]["backbone"] == "resnet8"
     assert result["config"]["optim"]["epochs"] == 2  # the per-job override was applied

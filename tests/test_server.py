@@ -82,6 +82,9 @@ def fixture_server(
     worker_args = [
         "--gate",
         "off",
+        # The test numbers the versions of its jobs; interims have their own tests.
+        "--fast-path",
+        "off",
         "--base-model",
         "none",
         "--min-steps",

@@ -81,6 +81,9 @@ def _config(epochs: int = 1) -> WorkerConfig:
         # These tests count what a step trains on; the gate's tests turn it on
         # (tests/test_gate_worker.py).
         gate=GateConfig(enabled=False),
+        # They count versions too: the fast path's interims have their own tests
+        # (tests/test_fast_path.py).
+        fast_path=False,
     )
 
 
