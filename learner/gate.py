@@ -118,6 +118,7 @@ def judge(
         parent_overall_accuracy=_pooled(parent_acc, heldout, old),
         finite=_finite(new, augment, heldout, device),
         heldout_images=sum(len(heldout[c]) for c in acc),
+        old_images=sum(len(heldout[c]) for c in old),
         thresholds=config,
     )
     if report.old_accuracy and report.new_accuracy is not None:
@@ -128,16 +129,27 @@ def judge(
     return report
 
 
+def drop_limit(limit: float, parent_accuracy: float, images: int, z: float) -> float:
+    """``limit``, or ``z`` standard errors of a ``parent_accuracy`` percent measured on
+    ``images`` held-out images where that is wider (the noise of a small held-out set)."""
+    if images <= 0 or z <= 0:
+        return limit
+    p = min(max(parent_accuracy / 100.0, 0.0), 1.0)
+    return max(limit, z * 100.0 * math.sqrt(p * (1.0 - p) / images))
+
+
 def _reasons(r: GateReport, config: GateConfig) -> list[str]:
     reasons = []
     if not r.finite:
         reasons.append("the outputs are not finite, or the same for every image")
     if r.old_accuracy is not None and r.parent_old_accuracy is not None:
         drop = r.parent_old_accuracy - r.old_accuracy
-        if drop > config.max_old_drop:
+        limit = drop_limit(config.max_old_drop, r.parent_old_accuracy, r.old_images, config.noise_z)
+        r.old_drop_limit = limit
+        if drop > limit:
             reasons.append(
                 f"old classes' held-out accuracy fell {drop:.1f} points "
-                f"({r.parent_old_accuracy:.1f} -> {r.old_accuracy:.1f}; limit {config.max_old_drop:g})"
+                f"({r.parent_old_accuracy:.1f} -> {r.old_accuracy:.1f}; limit {limit:.1f})"
             )
     if r.balance is not None and r.balance < config.min_balance:
         reasons.append(
@@ -146,10 +158,14 @@ def _reasons(r: GateReport, config: GateConfig) -> list[str]:
         )
     if r.overall_accuracy is not None and r.parent_overall_accuracy is not None:
         drop = r.parent_overall_accuracy - r.overall_accuracy
-        if drop > config.max_overall_drop:
+        limit = drop_limit(
+            config.max_overall_drop, r.parent_overall_accuracy, r.old_images, config.noise_z
+        )
+        r.overall_drop_limit = limit
+        if drop > limit:
             reasons.append(
                 f"held-out accuracy over the parent's classes fell {drop:.1f} points "
-                f"(limit {config.max_overall_drop:g})"
+                f"(limit {limit:.1f})"
             )
     return reasons
 

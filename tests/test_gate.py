@@ -8,7 +8,7 @@ from learner.base import DEFAULT_BASE_MODEL, load_base
 from learner.core.gate import GateConfig
 from learner.core.versioning import LoadedVersion, load_version
 from learner.data import load_dataset
-from learner.gate import holdout_count, judge, split_holdout
+from learner.gate import drop_limit, holdout_count, judge, split_holdout
 
 CPU = torch.device("cpu")
 
@@ -147,3 +147,14 @@ def test_new_classes_never_predicted_fail_the_balance_check(base, heldout):
         ).verdict
         == "promoted"
     )
+
+
+def test_drop_limits_widen_with_the_noise_of_a_small_held_out_set():
+    # 10 images at 80%: one standard error is 12.6 points, so two allow a 25-point drop (the
+    # two-image fall that rejected a normal post with a fixed 15-point limit passes).
+    assert drop_limit(15.0, 80.0, 10, 2.0) == pytest.approx(25.3, abs=0.1)
+    assert drop_limit(15.0, 80.0, 10, 2.0) > 20.0
+    # Many images, or z = 0: the configured limit.
+    assert drop_limit(15.0, 80.0, 1000, 2.0) == 15.0
+    assert drop_limit(15.0, 80.0, 10, 0.0) == 15.0
+    assert drop_limit(15.0, 100.0, 10, 2.0) == 15.0  # no spread at 100%

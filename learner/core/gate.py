@@ -37,6 +37,11 @@ class GateConfig(BaseModel):
     min_balance: float = Field(0.3, ge=0, le=1)
     # Held-out accuracy over every image of the classes the parent knew may fall this much.
     max_overall_drop: float = Field(10.0, ge=0, le=100)
+    # Ours: both drop limits widen to this many standard errors of the parent's held-out
+    # accuracy on those images (100 * sqrt(p (1 - p) / n)), so that with 10-20 held-out
+    # images (one image is 5-10 points) noise alone does not reject a post; a version that
+    # forgets (a drop of tens of points) still fails. 0 keeps the fixed limits.
+    noise_z: float = Field(2.0, ge=0)
 
 
 class ClassAccuracy(BaseModel):
@@ -63,5 +68,8 @@ class GateReport(BaseModel):
     balance: float | None = Field(None, description="new / old held-out accuracy")
     finite: bool = True
     heldout_images: int = 0
+    old_images: int = Field(0, description="held-out images of the old classes")
+    old_drop_limit: float | None = Field(None, description="the old-class limit applied")
+    overall_drop_limit: float | None = Field(None, description="the overall limit applied")
     seconds: float = 0.0
     thresholds: GateConfig | None = None
