@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,11 +27,12 @@ from learner.core.config import (
     ModelConfig,
     StepConfig,
 )
-from learner.core.evaluate import infer, nme_predict, topk
+from learner.core.evaluate import nme_predict, topk
 from learner.core.gate import GateConfig
 from learner.core.machine import describe_machine, resolve_device
 from learner.core.model import IncrementalNet
 from learner.data import Dataset, load_dataset
+from learner.distributed import SINGLE, Dist, DistConfig, is_collective_error
 from learner.exemplars import ExemplarMemory
 from learner.gate import judge, split_holdout
 from learner.metrics import IncrementalEvaluation, IncrementalMetrics, balance, harmonic_mean
@@ -54,8 +56,9 @@ def _eval_test(
     class_means: torch.Tensor | None,
     config: StepConfig,
     device: torch.device,
+    dist: Dist = SINGLE,
 ) -> dict[str, np.ndarray]:
-    logits, feats = infer(
+    logits, feats = dist.infer(
         model, images, config.augment, device=device, batch_size=config.eval_batch_size
     )
     out = {
@@ -79,6 +82,7 @@ def run_protocol(
     max_train_per_class: int | None = None,
     progress: bool = True,
     gate: GateConfig | None = None,
+    dist: Dist = SINGLE,
 ) -> dict[str, Any]:
     """Run every step of ``protocol``; return the result record (see ``RESULT_FORMAT``).
 
@@ -127,7 +131,14 @@ def run_protocol(
             bar.update(1)
 
         result = train_step(
-            model, data, memory, config, device=device, generator=generator, on_epoch=on_epoch
+            model,
+            data,
+            memory,
+            config,
+            device=device,
+            generator=generator,
+            on_epoch=on_epoch,
+            dist=dist,
         )
         verdict = None
         if gate is not None and gate.enabled:
@@ -144,6 +155,8 @@ def run_protocol(
                 gate,
                 device,
             )
+            # Every rank judges the same network; rank 0's verdict binds them all.
+            verdict = dist.broadcast_object(verdict)
         if verdict is not None and verdict.verdict == "rejected":
             generator.set_state(rng_before)
         else:
@@ -159,6 +172,7 @@ def run_protocol(
             result.class_means,
             config,
             device,
+            dist,
         )
         cnn_eval.add_step(ev["y_true"], ev["cnn"], step_sizes[: t + 1], topk_pred=ev["cnn_top5"])
         if "nme" in ev:
@@ -188,6 +202,7 @@ def run_protocol(
         "max_train_per_class": max_train_per_class,
         "data_source": dataset.source,
         "machine": describe_machine(device),
+        "distributed": dist.describe(),
         **metric_fields(cnn),
         "nme": nme_eval.result().model_dump(mode="json")
         if nme_eval.num_steps == len(steps)
@@ -428,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
         "default thresholds); off for the published protocols (default)",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DistConfig().timeout_s,
+        help="under torchrun: seconds a collective may wait before the run fails (a dead "
+        "or hung rank)",
+    )
     return p
 
 
@@ -436,17 +458,38 @@ def config_from_args(args: argparse.Namespace, protocol: Protocol, dataset: Data
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """One run, or with ``--orders K --seeds S`` every (order, seed) pair and a summary."""
+    """One run, or with ``--orders K --seeds S`` every (order, seed) pair and a summary.
+
+    Under ``torchrun --nproc-per-node N`` every rank runs the protocol data-parallel
+    (learner/distributed.py); rank 0 alone prints and writes the files. A rank that dies
+    makes the others exit non-zero within ``--dist-timeout`` instead of hanging."""
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    try:
+        dist, device = Dist.from_env(device, DistConfig(timeout_s=args.dist_timeout))
+        results = _run(args, device, dist)
+    except Exception as exc:
+        if is_collective_error(exc):  # only a group has collectives
+            raise SystemExit(
+                f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: the process "
+                f"group failed: a rank died, or hung past --dist-timeout {args.dist_timeout:g} s "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        raise
+    dist.close()
+    return results
+
+
+def _run(args: argparse.Namespace, device: torch.device, dist: Dist) -> list[dict[str, Any]]:
     protocol = get_protocol(args.protocol)
     dataset = load_dataset(protocol.dataset, root=args.data_root, download=args.download)
     config = config_from_args(args, protocol, dataset)
     orders = order_names(args.order or protocol.class_order, args.orders)
     seeds = [args.seed + i for i in range(args.seeds)]
-    args.out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for order_name in orders:
         order = resolve_class_order(protocol, dataset.train.class_names, order_name)
@@ -459,16 +502,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 seed=seed,
                 device=device,
                 max_train_per_class=args.max_train_per_class,
-                progress=not args.no_progress,
+                progress=not args.no_progress and dist.is_main,
                 gate=GateConfig(enabled=args.gate == "on"),
+                dist=dist,
             )
             result["order_name"] = order_name
+            results.append(result)
+            if not dist.is_main:
+                continue
             path = args.out / result_filename(result, default_order=protocol.class_order)
             path.write_text(json.dumps(result, indent=1) + "\n")
             print(format_table(result))
             print(f"wrote {path}")
-            results.append(result)
-    if len(results) > 1:
+    if len(results) > 1 and dist.is_main:
         summary = summarize(results)
         path = args.out / summary_filename(results[0], len(orders), len(seeds))
         path.write_text(json.dumps(summary, indent=1) + "\n")

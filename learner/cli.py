@@ -56,6 +56,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("batch-size", "optim.batch_size", int, "BSCE_BATCH_SIZE", "batch size"),
     Flag("lr", "optim.lr", float, "BSCE_LR", "learning rate"),
     Flag(
+        "precision",
+        "optim.precision",
+        str,
+        "BSCE_PRECISION",
+        "training arithmetic: auto (bf16 autocast on CUDA where supported, else fp32), fp32, bf16",
+        ("auto", "fp32", "bf16"),
+    ),
+    Flag(
         "schedule",
         "optim.schedule",
         str,

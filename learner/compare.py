@@ -71,8 +71,11 @@ def stem(protocol: str, config: StepConfig) -> str:
 
 
 def _recipe(config: dict[str, Any]) -> dict[str, Any]:
-    """A recorded config without its method: what every run of one table shares."""
-    return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "method"}
+    """A recorded config without its method: what every run of one table shares. Read
+    through StepConfig, so a file recorded before a field was added (with the field's
+    default, which is what it ran with) still matches."""
+    full = StepConfig.model_validate(config).model_dump(mode="json")
+    return {k: v for k, v in full.items() if k != "method"}
 
 
 def same_budget(

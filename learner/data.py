@@ -40,7 +40,7 @@ from numpy._core.numeric import _frombuffer
 from tqdm import tqdm
 
 from learner.core.config import AugmentConfig
-from learner.core.images import decode_image
+from learner.core.images import decode_image, training_side
 
 __all__ = [
     "DATASETS",
@@ -64,7 +64,8 @@ _CACHE_FORMAT = 1
 # Where Debian's dataset-fashion-mnist package installs the IDX files (dpkg -L).
 _DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-_IMAGENET_SIZE = 256
+# ImageNet-style trees are stored at training_side(224, 0) = 256 (shorter side resized, centre
+# crop), the rule the server's learn routes apply too (learner.core.images.training_side).
 # Same extensions torchvision's ImageFolder accepts, so any tree it reads is read here too.
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -579,7 +580,7 @@ def _decode_image_tree(
     class_names: tuple[str, ...],
     out: Path,
 ) -> tuple[str, ...]:
-    size = _IMAGENET_SIZE
+    size = training_side(_IMAGENET_SPEC.crop, _IMAGENET_SPEC.pad)
     for split, files in (("train", train), ("test", val)):
         # Written straight into a memory-mapped .npy: ImageNet at 256x256 is ~250 GB.
         images = np.lib.format.open_memmap(

@@ -52,6 +52,29 @@ def split_holdout(
     return keep.nonzero().squeeze(1), held
 
 
+def split_job(
+    labels: torch.Tensor, validation: int, config: GateConfig, seed: int
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """`split_holdout` for a posted job whose last ``validation`` samples are the request's
+    explicit validation set: those are the held-out images of their classes, and every
+    training image of those classes trains (the user chose what to judge them on); the other
+    classes are split as `split_holdout` splits them. Validation samples never train."""
+    n = labels.shape[0] - validation
+    train, held = split_holdout(labels[:n], config, seed)
+    if validation == 0:
+        return train, held
+    given = {
+        int(c): n + (labels[n:] == c).nonzero().squeeze(1)
+        for c in sorted(int(c) for c in labels[n:].unique())
+    }
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[train] = True
+    for c in given:
+        if c in held:
+            keep[held.pop(c)] = True
+    return keep.nonzero().squeeze(1), dict(sorted({**held, **given}.items()))
+
+
 def accuracy_by_class(
     model: IncrementalNet,
     augment: AugmentConfig,

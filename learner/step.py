@@ -21,8 +21,10 @@ from pydantic import BaseModel
 
 from learner.core.augment import Normalizer, random_crop_flip
 from learner.core.config import OptimConfig, StepConfig
-from learner.core.evaluate import class_means_from_features, infer
+from learner.core.evaluate import class_means_from_features
+from learner.core.machine import autocast, resolve_precision
 from learner.core.model import IncrementalNet
+from learner.distributed import SINGLE, Dist
 from learner.exemplars import ExemplarMemory, herding, random_selection
 from learner.methods import Method, build_method
 from learner.methods.base import HeldOut, Stage
@@ -114,10 +116,13 @@ def train_step(
     device: torch.device,
     generator: torch.Generator,
     on_epoch: Callable[[int, int, float], None] | None = None,
+    dist: Dist = SINGLE,
 ) -> StepResult:
     """Train ``model`` on ``data`` plus ``memory``; return the next version and its memory.
 
     ``on_epoch(epoch, epochs, mean_loss)`` reports progress (progress bars, job status).
+    ``dist``: under torchrun every rank calls this with the same arguments; each trains on
+    its slice of every batch and all return the same result (learner/distributed.py).
     """
     start = time.perf_counter()
     old = model.num_classes
@@ -145,10 +150,21 @@ def train_step(
     def train(x: torch.Tensor, y: torch.Tensor, optim: OptimConfig) -> list[float]:
         b = resolve_budget(optim, int(y.shape[0]))
         c = config.model_copy(update={"optim": optim})
-        return _train(student, teacher, x, y, method, lam, b, c, device, generator, None)
+        return _train(student, teacher, x, y, method, lam, b, c, device, generator, None, dist)
 
     losses = _train(
-        student, teacher, images, labels, method, lam, budget, config, device, generator, on_epoch
+        student,
+        teacher,
+        images,
+        labels,
+        method,
+        lam,
+        budget,
+        config,
+        device,
+        generator,
+        on_epoch,
+        dist,
     )
     train_seconds = time.perf_counter() - start
     images_trained = budget.epochs * int(labels.shape[0])
@@ -171,7 +187,7 @@ def train_step(
     stage_seconds = 0.0 if stage is None else time.perf_counter() - t
 
     new_memory, class_means, timings = update_memory(
-        student, data, memory, seen, config, device, generator
+        student, data, memory, seen, config, device, generator, dist
     )
     student.eval()
     report = StepReport(
@@ -248,9 +264,12 @@ def _train(
     device: torch.device,
     generator: torch.Generator,
     on_epoch: Callable[[int, int, float], None] | None,
+    dist: Dist = SINGLE,
 ) -> list[float]:
     o = config.optim
     student.train()
+    # Under a group: DDP over the ranks, each on its slice of the same global batch.
+    net = dist.wrap(student, device)
     optimizer = torch.optim.SGD(
         student.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
     )
@@ -261,6 +280,8 @@ def _train(
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     normalize = Normalizer(config.augment, device, student.config.channels_last)
+    # Mixed precision: the forward passes under autocast, the loss in fp32 (None: all fp32).
+    amp = resolve_precision(o.precision, device)
     losses = []
     for epoch in range(budget.epochs):
         order = torch.randperm(n, generator=generator).to(labels.device)
@@ -272,19 +293,25 @@ def _train(
             x = images[idx].to(device, non_blocking=True)
             y = labels[idx].to(device, non_blocking=True)
             x = normalize(random_crop_flip(x, config.augment, aug_gen))
-            logits, feats = student.forward_with_features(x)
-            target = None
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher.forward_with_features(x)
+            x, y, part = dist.shard_batch(x, y)
+            with autocast(device, amp):
+                logits, feats = net.forward_with_features(x)
+                target = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher.forward_with_features(x)
+            if amp is not None:
+                logits, feats = logits.float(), feats.float()
+                if target is not None:
+                    target = (target[0].float(), target[1].float())
             loss = method.loss(logits, feats, y, target, lam)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            part.scale(loss).backward()
             optimizer.step()
-            running += loss.detach()
-        losses.append(float(running) / batches)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, budget.epochs, losses[-1])
+            running += part.share(loss.detach())
+        losses.append(float(dist.sum(running)) / batches)
+        dist.report(on_epoch, epoch + 1, budget.epochs, losses[-1])
+    dist.sync_module(student)
     return losses
 
 
@@ -296,7 +323,10 @@ def update_memory(
     config: StepConfig,
     device: torch.device,
     generator: torch.Generator,
+    dist: Dist = SINGLE,
 ) -> tuple[ExemplarMemory, torch.Tensor | None, dict[str, float]]:
+    """The next memory and the class means; under a group each rank computes the features
+    of a shard of the candidates and all get all of them, so every rank selects alike."""
     quota = config.memory.quota(seen)
     timings = {"feature_seconds": 0.0, "herding_seconds": 0.0, "class_mean_seconds": 0.0}
     if quota == 0:
@@ -315,7 +345,7 @@ def update_memory(
     t = time.perf_counter()
     feats = None
     if config.memory.selection == "herding":
-        _, feats = infer(
+        _, feats = dist.infer(
             student, cand_x, config.augment, device=device, batch_size=config.eval_batch_size
         )
     timings["feature_seconds"] = time.perf_counter() - t
@@ -340,7 +370,7 @@ def update_memory(
     means = torch.full((seen, student.feature_dim), float("nan"))
     if kept:
         old_x = torch.cat(list(kept.values()))
-        _, old_feats = infer(
+        _, old_feats = dist.infer(
             student, old_x, config.augment, device=device, batch_size=config.eval_batch_size
         )
         offset = 0
@@ -350,7 +380,7 @@ def update_memory(
     for c, x in selected.items():
         f = selected_feats.get(c)
         if f is None:
-            _, f = infer(
+            _, f = dist.infer(
                 student, x, config.augment, device=device, batch_size=config.eval_batch_size
             )
         means[c] = class_means_from_features(f)

@@ -86,6 +86,14 @@ from learner.core.versioning import (
     version_payload,
 )
 from learner.data import DATASETS, augment_for
+from learner.distributed import (
+    SINGLE,
+    Dist,
+    DistConfig,
+    RankLostError,
+    StepAborted,
+    is_collective_error,
+)
 from learner.exemplars import ExemplarMemory
 from learner.fast_path import (
     ExemplarFeatures,
@@ -95,7 +103,7 @@ from learner.fast_path import (
     interim_generator,
     memory_features,
 )
-from learner.gate import judge, split_holdout
+from learner.gate import judge, split_job
 from learner.step import StepData, StepResult, resolve_budget, train_step
 from storage import (
     Job,
@@ -172,8 +180,12 @@ class Worker:
         config: WorkerConfig,
         device: torch.device,
         consumer: str | None = None,
+        dist: Dist = SINGLE,
     ) -> None:
         self.storage = storage
+        # Under torchrun this is rank 0: it alone claims, reads the store and commits; the
+        # other ranks train each step with it (`follow`).
+        self.dist = dist
         self.config = config
         self.device = device
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
@@ -215,6 +227,9 @@ class Worker:
         done = 0
         backoff = self._backoff("waiting for jobs")
         while not self.stop_requested.is_set():
+            # The other ranks wait for the next step in a collective with a timeout: a beat
+            # each poll keeps them (and tells rank 0 they are alive).
+            self.dist.broadcast_object(_IDLE)
             try:
                 job = self.storage.jobs.claim(
                     self.consumer,
@@ -256,6 +271,10 @@ class Worker:
             self._settle(job.id, "releasing", lambda: self.storage.jobs.release(job.id))
         except Exception as exc:  # the job's error stays inspectable in its status
             self._fail(job, exc)
+            if self.dist.active and is_collective_error(exc):
+                # The group is broken: no later step can run on it. The job is retried
+                # by whichever worker claims it next.
+                raise RankLostError(f"job {job.id}: a rank was lost ({exc})") from exc
         finally:
             heartbeat.stop()
         return None
@@ -511,7 +530,9 @@ class Worker:
     def _check_budget(self, job: Job, parent: _Parent, step_config: StepConfig) -> None:
         """Refuse, before training, a job whose resolved budget is over the operator's limit
         (its samples and the parent's exemplars are what the step trains on)."""
-        budget = resolve_budget(step_config.optim, len(job.labels) + len(parent.memory))
+        budget = resolve_budget(
+            step_config.optim, len(job.labels) - job.validation + len(parent.memory)
+        )
         limit = self.config.max_job_steps
         if budget.steps > limit:
             raise JobLimitError(
@@ -560,9 +581,9 @@ class Worker:
         """The job's split (which samples train, which are held out) and the held-out
         images of the parent's lineage, read now: after training the store may be away."""
         labels = torch.tensor(job.indices, dtype=torch.int64)
-        if not self.config.gate.enabled:
-            return _HeldOut(torch.arange(len(labels)), {}, {}, [])
-        train, held = split_holdout(labels, self.config.gate, self.config.seed)
+        if not self.config.gate.enabled:  # a validation set is never trained on
+            return _HeldOut(torch.arange(len(labels) - job.validation), {}, {}, [])
+        train, held = split_job(labels, job.validation, self.config.gate, self.config.seed)
         chunks = [int(c) for c in parent.state.metadata.get("heldout_chunks", [])]
         return _HeldOut(
             train,
@@ -602,6 +623,12 @@ class Worker:
         labels = torch.tensor(job.indices, dtype=torch.int64)[train]
         images = torch.from_numpy(np.ascontiguousarray(job.samples))[train]
         data = StepData(images, labels)
+        if self.dist.active:
+            memory = dict(parent.memory.images)
+            call = _TrainCall(
+                parent.state.model, data, memory, step_config, parent.generator.get_state()
+            )
+            self.dist.broadcast_object(call)
         return train_step(
             parent.state.model,
             data,
@@ -610,6 +637,7 @@ class Worker:
             device=self.device,
             generator=parent.generator,
             on_epoch=lambda e, n, loss: self._on_epoch(run, e, n, loss),
+            dist=self.dist,
         )
 
     def _payload(
@@ -685,6 +713,7 @@ class Worker:
             "gate": None if report is None else report.model_dump(mode="json"),
             "heldout_chunks": heldout_chunks,
             "machine": describe_machine(self.device),
+            "distributed": self.dist.describe(),
             "metrics": {**metrics, **_gate_metrics(report)},
         }
 
@@ -884,6 +913,59 @@ class _Heartbeat:
                 log.debug("heartbeat failed", exc_info=True)
 
 
+# What rank 0 broadcasts to the other ranks between steps: a beat while it waits for a job,
+# a step to train, or None to stop.
+_IDLE = "idle"
+
+
+@dataclass(frozen=True)
+class _TrainCall:
+    """One training step as rank 0 runs it: the other ranks run the same call on their
+    slice of every batch (rank 0 alone read it from the store)."""
+
+    model: IncrementalNet
+    data: StepData
+    memory: dict[int, torch.Tensor]  # an ExemplarMemory's images (its mapping view does not pickle)
+    config: StepConfig
+    rng_state: torch.Tensor  # the parent's random stream, which every rank continues
+
+    def run(self, device: torch.device, dist: Dist) -> StepResult:
+        generator = torch.Generator()
+        generator.set_state(self.rng_state)
+        return train_step(
+            self.model,
+            self.data,
+            ExemplarMemory(self.memory),
+            self.config,
+            device=device,
+            generator=generator,
+            dist=dist,
+        )
+
+
+def follow(dist: Dist, device: torch.device) -> int:
+    """A rank other than 0: train every step rank 0 sends until it sends None; the number
+    of steps trained. A failed collective (rank 0 died or hung) propagates."""
+    steps = 0
+    while True:
+        command = dist.broadcast_object(None)
+        if command is None:
+            return steps
+        if not isinstance(command, _TrainCall):
+            continue  # a beat
+        try:
+            command.run(device, dist)
+            steps += 1
+        except StepAborted:
+            log.info("rank %d: rank 0 stopped the step", dist.rank)
+        except Exception as exc:
+            if is_collective_error(exc):
+                raise
+            # The same inputs fail the same way on rank 0, which fails the job; a failure of
+            # this rank alone breaks the next collective, which then fails for both.
+            log.exception("rank %d: the step failed", dist.rank)
+
+
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     # The data set fixes the input geometry and normalisation (as learner.bench takes them
     # from the loaded data), not its files: images arrive through the API.
@@ -1001,6 +1083,14 @@ def build_parser() -> argparse.ArgumentParser:
         "head refit on features), then the full step (BSCE_FAST_PATH, default on)",
     )
     p.add_argument("--once", action="store_true", help="process one job, then exit")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=_env_number("BSCE_DIST_TIMEOUT_S", float) or DistConfig().timeout_s,
+        help="under torchrun: seconds a collective may wait before the worker fails its job "
+        "and exits (a dead or hung rank) (BSCE_DIST_TIMEOUT_S, default "
+        f"{DistConfig().timeout_s:g})",
+    )
     return p
 
 
@@ -1031,9 +1121,16 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         config = config_from_args(args)
+        dist_config = DistConfig(timeout_s=args.dist_timeout)
     except ValidationError as e:
         raise SystemExit(f"bad worker configuration: {e}") from None
-    worker = Worker(_open_storage(config), config, resolve_device(args.device), args.consumer)
+    # Under torchrun (learner/distributed.py): rank 0 is the worker below; the other ranks
+    # never touch the store, they train the steps it sends them.
+    dist, device = Dist.from_env(resolve_device(args.device), dist_config)
+    if not dist.is_main:
+        _follow_main(dist, device)
+        return
+    worker = Worker(_open_storage(config), config, device, args.consumer, dist=dist)
 
     def on_signal(signum: int, _frame: Any) -> None:
         if worker.stop_requested.is_set():
@@ -1054,6 +1151,34 @@ def main(argv: list[str] | None = None) -> None:
         worker.run(once=args.once)
     except BaseModelError as e:
         raise SystemExit(f"cannot start from the base model: {e}") from None
+    except Exception as e:
+        if dist.active and is_collective_error(e):
+            raise SystemExit(
+                f"rank 0 of {dist.world_size}: a rank died, or hung past --dist-timeout "
+                f"{dist_config.timeout_s:g} s ({type(e).__name__}: {e}); exiting"
+            ) from None
+        raise
+    dist.broadcast_object(None)  # the other ranks stop too
+    dist.close()
+
+
+def _follow_main(dist: Dist, device: torch.device) -> None:
+    """Ranks other than 0 leave signals to rank 0 (which finishes or abandons the step and
+    then tells them to stop) and end when it does; a lost rank 0 is a non-zero exit."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    log.info("rank %d of %d on %s follows rank 0", dist.rank, dist.world_size, device)
+    try:
+        steps = follow(dist, device)
+    except Exception as e:
+        if is_collective_error(e):
+            raise SystemExit(
+                f"rank {dist.rank} of {dist.world_size}: lost rank 0 or another rank "
+                f"({type(e).__name__}: {e})"
+            ) from None
+        raise
+    log.info("rank %d: stopped by rank 0 after %d steps", dist.rank, steps)
+    dist.close()
 
 
 if __name__ == "__main__":

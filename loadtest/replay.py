@@ -464,6 +464,7 @@ class Replay:
         self.step_rng: list[str | None] = []
         self.step_source = self.config_source
         self.learner_machine: dict[str, Any] | None = None
+        self.learner_distributed: dict[str, Any] | None = None
         self.test_cache: dict[int, list[str]] = {}
         self.seen = 0
 
@@ -537,6 +538,7 @@ class Replay:
         self.step_configs.append(meta.get("config"))
         self.step_source = source
         self.learner_machine = meta.get("machine") or self.learner_machine
+        self.learner_distributed = meta.get("distributed") or self.learner_distributed
         self.step_rng.append(meta.get("rng"))
         if self.worker_seed is None:
             self.worker_seed = _worker_seed(meta, version)
@@ -604,6 +606,8 @@ class Replay:
         return {
             "machine": self.learner_machine
             or {**client_machine, "note": "client machine (learner's unknown)"},
+            # The learner's processes (learner/distributed.py), as its versions recorded them.
+            "distributed": self.learner_distributed,
             "client_machine": client_machine,
             "server": {
                 "workers": workers,

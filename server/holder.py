@@ -14,6 +14,15 @@ names a broken version serves its parent rather than nothing.
 `VersionWatcher` is the worker's background thread: it blocks on the storage announcements
 (pub/sub) for at most ``poll_interval_s``, then compares the pointer (one Redis GET) with
 what is loaded. The announcement wakes it at once; the GET catches anything pub/sub lost.
+
+Memory. During a swap two versions are resident on the device: the served one and the one
+being loaded beside it (and the old one stays until the last request holding it finishes).
+The holder counts the parameter and buffer bytes of both (`ModelHolder.memory`, in /health
+and as ``bsce_model_bytes{slot}``), the sum at the last swap, and on CUDA what torch's
+allocator holds: a GPU must have room for two versions plus the activations of a batch.
+
+Precision. On CUDA the forward pass runs under bf16 autocast where ``BSCE_PRECISION``
+resolves to bf16 (``auto``: where the GPU supports it); on CPU inference is always fp32.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import numpy as np
 import torch
 
 from learner.core.evaluate import infer
+from learner.core.machine import autocast, precision_name, resolve_precision
 from learner.core.versioning import LoadedVersion, load_version
 from storage import StorageError, Subscription, VersionStore, next_announcement
 
@@ -50,6 +60,10 @@ class ServedVersion:
     # head can hold rows of classes this lineage never learned).
     active: tuple[bool, ...]
     loaded_at: float = field(default_factory=time.time)
+    # The autocast dtype of the forward pass (None: fp32), and the bytes of the network's
+    # parameters and buffers on the device.
+    amp: torch.dtype | None = None
+    model_bytes: int = 0
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -67,7 +81,8 @@ class ServedVersion:
         """Softmax over the active classes of raw logits (no prior at prediction), on CPU;
         inactive rows get probability 0."""
         x = torch.from_numpy(np.ascontiguousarray(images))
-        logits, _ = infer(self.loaded.model, x, self.loaded.augment, device=self.device)
+        with autocast(self.device, self.amp):
+            logits, _ = infer(self.loaded.model, x, self.loaded.augment, device=self.device)
         if logits.shape[1] == 0:
             return logits
         if not all(self.active):
@@ -92,14 +107,38 @@ class ServedVersion:
         return self.top_k(self.probabilities(images), k)
 
 
-def load_served(versions: VersionStore, version: int, device: torch.device) -> ServedVersion:
-    """Everything a version needs before it can serve, done before anyone sees it."""
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a network's parameters and buffers (what a version occupies on its device,
+    activations aside)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The server's autocast dtype: the precision setting on CUDA, fp32 (None) on CPU."""
+    return resolve_precision(precision, device) if device.type == "cuda" else None
+
+
+def load_served(
+    versions: VersionStore,
+    version: int,
+    device: torch.device,
+    precision: str = "auto",
+    on_resident: Callable[[int, int], None] | None = None,
+) -> ServedVersion:
+    """Everything a version needs before it can serve, done before anyone sees it.
+
+    ``on_resident(version, bytes)`` is called once the weights are on the device, before the
+    warm-up forward (the holder counts them as the version being loaded)."""
     tensors, metadata = versions.load(version)
     loaded = load_version(tensors, metadata)
     model = loaded.model.to(device)
     if model.config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.eval().requires_grad_(False)
+    nbytes = model_bytes(model)
+    if on_resident is not None:
+        on_resident(version, nbytes)
     n = model.num_classes
     flags = metadata.get("active_classes")
     if isinstance(flags, list) and len(flags) == n:
@@ -110,7 +149,14 @@ def load_served(versions: VersionStore, version: int, device: torch.device) -> S
         raise StorageError(
             f"version {version} names {len(loaded.class_names)} classes for a head of {n} rows"
         )
-    served = ServedVersion(version=version, loaded=loaded, device=device, active=active)
+    served = ServedVersion(
+        version=version,
+        loaded=loaded,
+        device=device,
+        active=active,
+        amp=inference_dtype(precision, device),
+        model_bytes=nbytes,
+    )
     # The first forward allocates and picks kernels; pay for it here, not in a request.
     served.probabilities(np.zeros((1, *served.chw), dtype=np.uint8))
     return served
@@ -145,6 +191,9 @@ class ModelHolder:
         self.degraded: Degraded | None = None
         # Versions whose failure was logged and counted: a retry on every poll stays quiet.
         self._reported: set[int] = set()
+        # The version being loaded beside the served one, and its bytes once on the device.
+        self._loading: tuple[int, int] | None = None
+        self.swap_peak_bytes = 0  # served + loaded at the last swap: both resident at once
 
     @property
     def current(self) -> ServedVersion | None:
@@ -175,12 +224,18 @@ class ModelHolder:
             if cur is not None and cur.version == version:
                 return True
             start = time.perf_counter()
+            self._loading = (version, 0)
             try:
                 new = self._loader(version)
             except Exception as e:
+                self._set_loading(None)
                 self._load_failed(version, e, cur)
                 return False
+            new_bytes = int(getattr(new, "model_bytes", 0))
+            self._set_loading((version, new_bytes))
+            self.swap_peak_bytes = new_bytes + _bytes_of(cur)
             self._current = new
+            self._set_loading(None)
             self._reported.discard(version)
             seconds = time.perf_counter() - start
             log.info(
@@ -192,6 +247,48 @@ class ModelHolder:
             if self._metrics is not None:
                 self._metrics.swapped(version, seconds)
             return True
+
+    def loading_resident(self, version: int, nbytes: int) -> None:
+        """A loader's report: ``version``'s weights (``nbytes``) are now on the device."""
+        if self._loading is not None and self._loading[0] == version:
+            self._set_loading((version, nbytes))
+
+    def _set_loading(self, loading: tuple[int, int] | None) -> None:
+        self._loading = loading
+        if self._metrics is not None:
+            self._metrics.model_bytes.labels("loading").set(0 if loading is None else loading[1])
+            self._metrics.model_bytes.labels("served").set(_bytes_of(self._current))
+
+    def memory(self) -> dict[str, int | str | None]:
+        """Bytes of the served version, of a version being loaded beside it, their sum at the
+        last swap, and on CUDA what torch's allocator holds (also set on the metrics)."""
+        cur, loading = self._current, self._loading
+        device = getattr(cur, "device", None)
+        served_bytes, loading_bytes = _bytes_of(cur), 0 if loading is None else loading[1]
+        out: dict[str, int | str | None] = {
+            "device": None if device is None else str(device),
+            "precision": None if cur is None else precision_name(getattr(cur, "amp", None)),
+            "served_version": None if cur is None else cur.version,
+            "served_bytes": served_bytes,
+            "loading_version": None if loading is None else loading[0],
+            "loading_bytes": loading_bytes,
+            "swap_peak_bytes": self.swap_peak_bytes,
+            "cuda_allocated_bytes": None,
+            "cuda_reserved_bytes": None,
+            "cuda_max_allocated_bytes": None,
+        }
+        allocated = None
+        if isinstance(device, torch.device) and device.type == "cuda":
+            allocated = torch.cuda.memory_allocated(device)
+            out["cuda_allocated_bytes"] = allocated
+            out["cuda_reserved_bytes"] = torch.cuda.memory_reserved(device)
+            out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        if self._metrics is not None:
+            self._metrics.model_bytes.labels("served").set(served_bytes)
+            self._metrics.model_bytes.labels("loading").set(loading_bytes)
+            if allocated is not None:
+                self._metrics.cuda_allocated_bytes.set(allocated)
+        return out
 
     def _load_failed(self, version: int, e: Exception, cur: ServedVersion | None) -> None:
         self.last_error = f"version {version} failed to load: {type(e).__name__}: {e}"
@@ -305,6 +402,11 @@ class VersionWatcher:
                 self._stop.wait(1.0)
         if pubsub is not None:
             _close_quietly(pubsub)
+
+
+def _bytes_of(served: ServedVersion | None) -> int:
+    # Stand-ins for a ServedVersion (tests) have no byte count: 0.
+    return 0 if served is None else int(getattr(served, "model_bytes", 0))
 
 
 def _close_quietly(pubsub: Subscription) -> None:

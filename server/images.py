@@ -12,10 +12,11 @@ Policy (documented in server/README.md):
 - Modes refused: CMYK (no colour management here, colours would come out wrong), 16- and
   32-bit integer or float images (I;16*, I, F: PIL would clip them to 8 bits, not scale
   them), and other colour spaces (YCbCr, LAB, HSV).
-- Geometry: for prediction, an image of another size is resized (shorter side to the
-  model's input size, bilinear) and centre-cropped, the usual evaluation transform. For
-  learning, an image must already have the model's exact height and width: exemplars are
-  stored as exact (C, H, W) arrays and a silent resize would change what is learned.
+- Geometry: an image of another size is resized (shorter side, bilinear) and
+  centre-cropped: to the model's input size for prediction, the usual evaluation transform;
+  to the stored training size for learning (the service passes that shape,
+  `learner.core.images.training_side`), the transform the data loaders apply, so the offline
+  runner and HTTP store the same pixels. ``exact_size`` refuses another size instead.
 """
 
 from __future__ import annotations

@@ -103,11 +103,28 @@ class Metrics:
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
+        self.model_bytes = Gauge(
+            "bsce_model_bytes",
+            "Parameter and buffer bytes on this worker's device of the served version "
+            '(slot="served") and of a version being loaded beside it (slot="loading", 0 '
+            "when none): during a swap both are resident",
+            ["slot"],
+            multiprocess_mode="liveall",
+            registry=r,
+        )
+        self.cuda_allocated_bytes = Gauge(
+            "bsce_cuda_memory_allocated_bytes",
+            "torch.cuda.memory_allocated of this worker's device, set at scrape (0 on CPU)",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
         self.jobs_submitted = Counter(
             "bsce_jobs_submitted", "Learning jobs queued through this API", registry=r
         )
         self.served_version.set(-1)
         self.degraded.set(0)
+        for slot in ("served", "loading"):
+            self.model_bytes.labels(slot).set(0)
 
     def swapped(self, version: int, seconds: float) -> None:
         self.swaps.inc()

@@ -112,16 +112,79 @@ class LearnRequest(_JsonRequest):
         examples=[{"epochs": 2}],
         json_schema_extra=_OVERRIDES_SCHEMA,
     )
+    validation_images: list[Base64Image] | None = Field(
+        None,
+        description="Optional: an explicit validation set, base64 like images. The promotion "
+        "gate judges the classes it covers on these (never trained on) instead of holding "
+        "out a tenth of their posted images; each must be of a class this request trains",
+    )
+    validation_labels: list[ClassName] | None = Field(
+        None, description="One class name per validation image"
+    )
 
 
 class LearnUpload(_Request):
     """multipart/form-data: ``files`` parts and a ``labels`` field holding a JSON array of
-    class names, one per file in order (``overrides``: an optional JSON object)."""
+    class names, one per file in order (``overrides``: an optional JSON object;
+    ``validation_files`` and ``validation_labels``: an optional explicit validation set)."""
 
     files: list[Path] = Field(min_length=1)
     labels: list[ClassName] = Field(min_length=1)
     classes: list[ClassName] | None = None
     overrides: dict[str, Any] | None = Field(None, json_schema_extra=_OVERRIDES_SCHEMA)
+    # A list with an empty default, not None: BentoML reads the parts of a Path list only.
+    validation_files: list[Path] = Field(default_factory=list)
+    validation_labels: list[ClassName] | None = None
+
+
+# -- upload sessions (a job posted in batches; storage/sessions.py) -----------------------
+
+
+class SessionOpen(_JsonRequest):
+    """The classes a session's batches will hold, in the order new ones get their index."""
+
+    classes: list[ClassName] = Field(
+        min_length=1,
+        description="Every class the session's samples belong to, each once; each needs at "
+        "least one sample by the commit",
+    )
+    overrides: dict[str, Any] | None = Field(
+        None,
+        description="Per-job training overrides, as /learn's",
+        json_schema_extra=_OVERRIDES_SCHEMA,
+    )
+
+
+class SessionBatch(_JsonRequest):
+    """One batch of a session: as /learn's images and labels (any image size)."""
+
+    images: list[Base64Image] = Field(min_length=1)
+    labels: list[ClassName] = Field(min_length=1, description="One class name per image")
+    expected_samples: int | None = Field(
+        None,
+        ge=0,
+        description="Optional: the sample count the session should hold before this batch; "
+        "another count is refused with 409 (so a retried batch is never stored twice)",
+    )
+
+
+class SessionStatus(BaseModel):
+    session_id: str
+    state: str = Field(description="open (takes batches) or committed (its job is queued)")
+    expires_in_s: int | None = Field(description="Seconds before an untouched session is discarded")
+    classes: list[str]
+    counts: list[int] = Field(description="Samples per class, in classes order")
+    num_samples: int
+    num_chunks: int = Field(description="Stored chunks (bounded by BSCE_SESSION_CHUNK_BYTES)")
+    bytes: int = Field(description="Decoded sample bytes stored")
+    sample_shape: list[int] | None = Field(description="(C, H, W) of the stored samples")
+    store: str = Field(description="Where the samples live: redis or dir")
+    job_id: str | None = Field(None, description="The job the commit queued")
+
+
+class SessionAborted(BaseModel):
+    session_id: str
+    aborted: bool = True
 
 
 class JobAccepted(BaseModel):
@@ -135,7 +198,10 @@ class JobAccepted(BaseModel):
         "made this job (answered 200; nothing new was queued)",
     )
     status_url: str
-    num_samples: int
+    num_samples: int = Field(description="Images stored with the job, validation included")
+    validation: int = Field(
+        0, description="Of num_samples, the explicit validation set's (never trained on)"
+    )
     classes: list[str] = Field(
         description="Classes in this job, in the order they were registered (the request's "
         "classes, else order of first appearance)"

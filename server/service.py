@@ -18,6 +18,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
+from learner.core.images import training_side
 from learner.core.machine import resolve_device
 from learner.core.overrides import JobOverrides
 from storage import (
@@ -41,9 +43,13 @@ from storage import (
     NotRejectedError,
     PinnedError,
     RejectedVersionError,
+    SessionInfo,
+    SessionStateError,
+    SessionTooLargeError,
     Storage,
     StorageError,
     UnknownJobError,
+    UnknownSessionError,
     UnknownVersionError,
     VersionStore,
     open_storage,
@@ -74,6 +80,10 @@ from .schemas import (
     PredictRequest,
     PredictResponse,
     PredictUpload,
+    SessionAborted,
+    SessionBatch,
+    SessionOpen,
+    SessionStatus,
     VersionDetail,
     VersionList,
     WorkerVersion,
@@ -155,8 +165,11 @@ async def _http_jobs(request: Request) -> Response:
 
 
 async def _http_health(_: Request) -> Response:
-    health = bentoml.get_current_service().health()
-    return JSONResponse(health.model_dump(mode="json"), status_code=200 if health.ready else 503)
+    service = bentoml.get_current_service()
+    health = service.health()
+    # Bytes of the served version and of one being loaded beside it; CUDA allocator figures.
+    body = {**health.model_dump(mode="json"), "model_memory": service.holder.memory()}
+    return JSONResponse(body, status_code=200 if health.ready else 503)
 
 
 async def _http_openapi(_: Request) -> Response:
@@ -185,12 +198,43 @@ async def _http_promote(request: Request) -> Response:
     return await bentoml.get_current_service().promote(version)
 
 
+async def _http_session_open(request: Request) -> Response:
+    return await bentoml.get_current_service().session_open(request)
+
+
+async def _http_session(request: Request) -> Response:
+    svc = bentoml.get_current_service()
+    sid = request.path_params["session_id"]
+    if request.method == "DELETE":
+        return await svc.session_abort(sid)
+    return await svc.session_status(sid)
+
+
+async def _http_session_batch(request: Request) -> Response:
+    return await bentoml.get_current_service().session_append(
+        request, request.path_params["session_id"]
+    )
+
+
+async def _http_session_commit(request: Request) -> Response:
+    return await bentoml.get_current_service().session_commit(request.path_params["session_id"])
+
+
+# Upload sessions (path parameters, so served by the mounted app; server/README.md).
+SESSION_ROUTES = [
+    StarletteRoute("/sessions", _http_session_open, methods=["POST"]),
+    StarletteRoute("/sessions/{session_id}", _http_session, methods=["GET", "DELETE"]),
+    StarletteRoute("/sessions/{session_id}/batches", _http_session_batch, methods=["POST"]),
+    StarletteRoute("/sessions/{session_id}/commit", _http_session_commit, methods=["POST"]),
+]
+
 read_app = Starlette(
     routes=[StarletteRoute(path, fn, methods=["GET"]) for path, fn, _, _ in GET_ROUTES]
     + [
         StarletteRoute("/openapi.json", _http_openapi, methods=["GET"]),
         StarletteRoute("/versions/{version:int}/promote", _http_promote, methods=["POST"]),
     ]
+    + SESSION_ROUTES
 )
 
 GATEWAY_ROUTES: dict[tuple[str, str], Route] = {
@@ -201,6 +245,7 @@ GATEWAY_ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/versions/rollback"): Route("admin", (JSON,)),
     ("POST", "/versions/pin"): Route("admin", (JSON,)),
     ("POST", "/versions/unpin"): Route("admin", (JSON,)),
+    ("POST", "/sessions"): Route("admin", (JSON,), reword_validation=False),
     ("GET", "/versions"): Route("read", reword_validation=False),
     ("GET", "/versions/current"): Route("read", reword_validation=False),
     ("GET", "/classes"): Route("read", reword_validation=False),
@@ -211,6 +256,16 @@ GATEWAY_PREFIXES = [
     ("GET", "/versions/", Route("read", reword_validation=False)),
     # POST /versions/{version}/promote (the exact /versions/* routes above match first)
     ("POST", "/versions/", Route("admin", (JSON,), reword_validation=False)),
+    # Upload sessions: batches are JSON or multipart (``files`` parts), commit has no body.
+    (
+        "POST",
+        "/sessions/",
+        Route(
+            "admin", (JSON, MULTIPART), reword_validation=False, file_fields=frozenset({"files"})
+        ),
+    ),
+    ("GET", "/sessions/", Route("admin", reword_validation=False)),
+    ("DELETE", "/sessions/", Route("admin", reword_validation=False)),
 ]
 
 
@@ -236,7 +291,12 @@ class BsceServe:
         self.metrics = Metrics()
         self.storage: Storage = open_storage()
         versions = self.storage.versions
-        self.holder = ModelHolder(lambda v: load_served(versions, v, self.device), self.metrics)
+        self.holder = ModelHolder(
+            lambda v: load_served(
+                versions, v, self.device, self.settings.precision, self.holder.loading_resident
+            ),
+            self.metrics,
+        )
         self.watcher = VersionWatcher(versions, self.holder, self.settings.poll_interval_s)
         self.watcher.start()
         self.batcher = SingleImageBatcher(
@@ -245,9 +305,10 @@ class BsceServe:
         if self.settings.api_token is None:
             log.warning("BSCE_API_TOKEN is not set: learn, rollback, pin and unpin are open")
         log.info(
-            "worker %d: device %s, %d torch threads, store prefix %r",
+            "worker %d: device %s (precision %s), %d torch threads, store prefix %r",
             self.pid,
             self.device,
+            self.settings.precision,
             torch.get_num_threads(),
             self.storage.prefix,
         )
@@ -267,6 +328,7 @@ class BsceServe:
     def __metrics__(self, content: str) -> str:
         served = self.holder.current
         self.metrics.served_version.set(-1 if served is None else served.version)
+        self.holder.memory()  # sets the memory gauges
         return content + store_metrics_text(self.storage)
 
     def health(self) -> Health:
@@ -373,22 +435,30 @@ class BsceServe:
         labels: list[str],
         classes: list[str] | None = None,
         overrides: dict[str, Any] | None = None,
+        validation_images: list[str] | None = None,
+        validation_labels: list[str] | None = None,
     ) -> JobAccepted:
         """Queue labelled images (base64, JSON) for learning; answers 202 with a job id.
 
-        Images must have the model's exact input size. Nothing is stored or queued unless
-        every image, label and override is valid. With an ``Idempotency-Key`` header, a
-        repeat of the same request answers 200 with the first one's job; the same key with
-        another body is refused with 409.
+        Nothing is stored or queued unless every image, label and override is valid. With
+        an ``Idempotency-Key`` header, a repeat of the same request answers 200 with the
+        first one's job; the same key with another body is refused with 409.
+        ``validation_images``/``validation_labels``: an explicit validation set, which the
+        promotion gate judges its classes on instead of a tenth of their posted images.
         """
+        extra = validation_images or []
         answer = await self._learn(
             "learn",
-            lambda: [b64decode(s, f"image {i}") for i, s in enumerate(images)],
+            lambda: (
+                [b64decode(s, f"image {i}") for i, s in enumerate(images)]
+                + [b64decode(s, f"validation image {i}") for i, s in enumerate(extra)]
+            ),
             len(images),
             labels,
             classes,
             overrides,
             ctx.request.headers.getlist("idempotency-key"),
+            _Validation(len(extra), validation_labels),
         )
         return _with_status(ctx, answer)
 
@@ -400,17 +470,22 @@ class BsceServe:
         labels: list[str],
         classes: list[str] | None = None,
         overrides: dict[str, Any] | None = None,
+        validation_files: list[Path] | None = None,
+        validation_labels: list[str] | None = None,
     ) -> JobAccepted:
         """Like /learn, with multipart/form-data ``files`` parts and a ``labels`` field
-        holding a JSON array of class names, one per file."""
+        holding a JSON array of class names, one per file (``validation_files`` and
+        ``validation_labels`` likewise)."""
+        extra = validation_files or []
         answer = await self._learn(
             "learn/upload",
-            lambda: _read_files(files),
+            lambda: _read_files([*files, *extra]),
             len(files),
             labels,
             classes,
             overrides,
             ctx.request.headers.getlist("idempotency-key"),
+            _Validation(len(extra), validation_labels),
         )
         return _with_status(ctx, answer)
 
@@ -423,23 +498,30 @@ class BsceServe:
         classes: Sequence[str] | None,
         overrides: dict[str, Any] | None,
         idempotency_keys: Sequence[str] = (),
+        validation: _Validation | None = None,
     ) -> JSONResponse:
+        validation = validation or _Validation(0, None)
         try:
             key = _checked_idempotency_key(idempotency_keys)
             served = self._served()
             limit = self.settings.max_learn_images
-            if count > limit:
-                raise ApiError(413, f"{count} images in one request; the limit is {limit}")
+            if count + validation.count > limit:
+                raise ApiError(
+                    413,
+                    f"{count + validation.count} images in one request (validation images "
+                    f"included); the limit is {limit}",
+                )
             if len(labels) != count:
                 raise ApiError(
                     400, f"{count} images but {len(labels)} labels; send one label per image"
                 )
             names = [_checked_name(n, i) for i, n in enumerate(labels)]
+            held = validation.checked_names(names)
             order = _checked_classes(classes, names)
             checked_overrides = _checked_overrides(overrides)
-            samples = await self._decode(endpoint, blobs, served.chw, exact_size=True)
+            samples = await self._decode(endpoint, blobs, _learn_shape(served), exact_size=False)
             accepted = await anyio.to_thread.run_sync(
-                self._submit, samples, names, order, checked_overrides, key
+                self._submit, samples, names + held, order, checked_overrides, key, len(held)
             )
         except ApiError as e:
             return self._refuse(endpoint, e)
@@ -455,15 +537,16 @@ class BsceServe:
         classes: list[str],
         overrides: dict[str, Any] | None,
         idempotency_key: str | None = None,
+        validation: int = 0,
     ) -> JobAccepted:
         # One transaction registers the new class names and queues the job (and records
         # the idempotency key): a refused or failed submission leaves none of them.
         digest = None
         if idempotency_key is not None:
-            digest = request_digest(samples, names, classes, overrides)
+            digest = request_digest(samples, names, classes, overrides, validation)
         try:
             job = self.storage.jobs.submit_job(
-                samples, names, overrides, classes, idempotency_key, digest
+                samples, names, overrides, classes, idempotency_key, digest, validation
             )
             state = self.storage.jobs.status(job.job_id).state if job.replayed else "queued"
         except JobTooLargeError as e:
@@ -480,9 +563,122 @@ class BsceServe:
             replayed=job.replayed,
             status_url=f"/jobs/{job.job_id}",
             num_samples=int(samples.shape[0]),
+            validation=validation,
             classes=job.classes,
             new_classes=job.new_classes,
         )
+
+    # -- upload sessions (storage/sessions.py; server/README.md) ----------------------------
+
+    async def session_open(self, request: Request) -> Any:
+        """POST /sessions: a new session for the posted classes (201)."""
+        try:
+            body = _parse_json(SessionOpen, await request.body())
+            order = [_checked_name(n, i, field="classes") for i, n in enumerate(body.classes)]
+            if len(set(order)) != len(order):
+                raise ApiError(400, "classes must list each class once")
+            overrides = _checked_overrides(body.overrides)
+            info = await self._session_call(lambda: self.storage.sessions.open(order, overrides))
+        except ApiError as e:
+            return self._refuse("sessions", e)
+        return _json(_session_status(info), status=201)
+
+    async def session_append(self, request: Request, session_id: str) -> Any:
+        """POST /sessions/{id}/batches: decode one batch (JSON or multipart, any image
+        size, the learn transform) and store it in chunks; all or nothing."""
+        endpoint = "sessions/batches"
+        try:
+            if "multipart/form-data" in request.headers.get("content-type", ""):
+                files, labels, expected = await _session_form(request)
+                count = len(files)
+
+                def blobs() -> list[bytes]:
+                    return files
+            else:
+                body = _parse_json(SessionBatch, await request.body())
+                images, labels, expected = body.images, body.labels, body.expected_samples
+                count = len(images)
+
+                def blobs() -> list[bytes]:
+                    return [b64decode(t, f"image {i}") for i, t in enumerate(images)]
+
+            served = self._served()
+            limit = self.settings.max_learn_images
+            if count > limit:
+                raise ApiError(413, f"{count} images in one batch; the limit is {limit}")
+            if len(labels) != count:
+                raise ApiError(
+                    400, f"{count} images but {len(labels)} labels; send one label per image"
+                )
+            names = [_checked_name(n, i) for i, n in enumerate(labels)]
+            samples = await self._decode(endpoint, blobs, _learn_shape(served), exact_size=False)
+            info = await self._session_call(
+                lambda: self.storage.sessions.append(session_id, samples, names, expected)
+            )
+        except ApiError as e:
+            return self._refuse(endpoint, e)
+        return _json(_session_status(info))
+
+    async def session_status(self, session_id: str) -> Any:
+        """GET /sessions/{id}."""
+        try:
+            info = await self._session_call(lambda: self.storage.sessions.info(session_id))
+        except ApiError as e:
+            return self._refuse("sessions", e)
+        return _json(_session_status(info))
+
+    async def session_commit(self, session_id: str) -> Any:
+        """POST /sessions/{id}/commit: queue the session as one job, as /learn does (202;
+        200 with the same job for a repeat)."""
+        try:
+
+            def commit() -> JobAccepted:
+                job = self.storage.sessions.commit(session_id)
+                status = self.storage.jobs.status(job.job_id)
+                return JobAccepted(
+                    job_id=job.job_id,
+                    state=status.state if job.replayed else "queued",
+                    replayed=job.replayed,
+                    status_url=f"/jobs/{job.job_id}",
+                    num_samples=status.num_samples,
+                    classes=job.classes,
+                    new_classes=job.new_classes,
+                )
+
+            accepted = await self._session_call(commit)
+        except ApiError as e:
+            return self._refuse("sessions/commit", e)
+        if accepted.replayed:
+            return _json(accepted, status=200)
+        self.metrics.jobs_submitted.inc()
+        return _json(accepted, status=202)
+
+    async def session_abort(self, session_id: str) -> Any:
+        """DELETE /sessions/{id}: discard an open session and its samples."""
+        try:
+            await self._session_call(lambda: self.storage.sessions.abort(session_id))
+        except ApiError as e:
+            return self._refuse("sessions", e)
+        return _json(SessionAborted(session_id=session_id))
+
+    async def _session_call(self, fn: Callable[[], Any]) -> Any:
+        """Run a session store call in a thread, its refusals as `ApiError`s."""
+
+        def run() -> Any:
+            try:
+                return fn()
+            except UnknownSessionError as e:
+                raise ApiError(404, str(e.args[0] if e.args else e)) from None
+            except SessionStateError as e:  # committed, or expected_samples differs
+                raise ApiError(409, str(e)) from None
+            except (SessionTooLargeError, JobTooLargeError) as e:
+                raise ApiError(413, str(e)) from None
+            except InvalidInputError as e:
+                raise ApiError(400, str(e)) from None
+            except StorageError as e:
+                raise ApiError(503, f"the store is unavailable: {e}") from None
+
+        return await anyio.to_thread.run_sync(run)
 
     # -- versions --------------------------------------------------------------------------
 
@@ -668,6 +864,101 @@ BsceServe.add_asgi_middleware(
 )
 
 
+def _learn_shape(served: ServedVersion) -> tuple[int, int, int]:
+    """(C, S, S) a learn image is stored at: any posted size is mapped there by the one
+    transform the data loaders use (`learner.core.images.training_side`: shorter side
+    resized, centre crop; 32 for the CIFAR models, 256 for the 224-crop ones)."""
+    augment = served.loaded.augment
+    side = training_side(augment.crop, augment.pad)
+    return (served.chw[0], side, side)
+
+
+def _parse_json(model: type[BaseModel], raw: bytes) -> Any:
+    """A JSON body as `model` (strict, unknown fields refused), else 400 saying why."""
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}"
+            for err in e.errors()[:5]
+        )
+        if any(err["type"] == "json_invalid" for err in e.errors()):
+            raise ApiError(400, f"malformed JSON: {problems}") from None
+        raise ApiError(400, f"invalid request: {problems}") from None
+
+
+async def _session_form(request: Request) -> tuple[list[bytes], list[Any], int | None]:
+    """A multipart batch (the gateway checked it parses): ``files`` parts, ``labels`` (a
+    JSON array), optional ``expected_samples``."""
+    form = await request.form()
+    files = form.getlist("files")
+    blobs = [await f.read() for f in files if hasattr(f, "read")]  # type: ignore[union-attr]
+    if not blobs:
+        raise ApiError(400, "files: send one or more files parts (the images)")
+
+    def field(name: str) -> Any:
+        raw = form.get(name)
+        if raw is None:
+            return None
+        try:
+            return json.loads(str(raw))
+        except json.JSONDecodeError:
+            raise ApiError(400, f"{name} must be JSON (labels: an array of names)") from None
+
+    labels = field("labels")
+    if not isinstance(labels, list) or not labels:
+        raise ApiError(400, "labels must be a JSON array of class names, one per file")
+    expected = field("expected_samples")
+    if expected is not None and (
+        isinstance(expected, bool) or not isinstance(expected, int) or expected < 0
+    ):
+        raise ApiError(400, "expected_samples must be a whole number")
+    return blobs, labels, expected
+
+
+def _session_status(info: SessionInfo) -> SessionStatus:
+    return SessionStatus(
+        session_id=info.id,
+        state=info.state,
+        expires_in_s=info.expires_in_s,
+        classes=info.classes,
+        counts=info.counts,
+        num_samples=info.num_samples,
+        num_chunks=info.num_chunks,
+        bytes=info.bytes,
+        sample_shape=info.sample_shape,
+        store=info.store,
+        job_id=None if info.job is None else info.job.job_id,
+    )
+
+
+@dataclass(frozen=True)
+class _Validation:
+    """A learn request's explicit validation set: how many images, and their labels."""
+
+    count: int
+    labels: Sequence[str] | None
+
+    def checked_names(self, names: Sequence[str]) -> list[str]:
+        """The validation labels, checked against the request's training labels ``names``."""
+        labels = self.labels or []
+        if len(labels) != self.count:
+            raise ApiError(
+                400,
+                f"{self.count} validation images but {len(labels)} validation labels; send "
+                "one label per validation image",
+            )
+        held = [_checked_name(n, i, field="validation label") for i, n in enumerate(labels)]
+        stray = sorted(set(held) - set(names))
+        if stray:
+            raise ApiError(
+                400,
+                f"validation images of {', '.join(stray)}, which this request brings no "
+                "training images of; validation images must be of the request's own classes",
+            )
+        return held
+
+
 def _read_files(paths: Sequence[Path]) -> list[bytes]:
     return [Path(p).read_bytes() for p in paths]
 
@@ -694,16 +985,18 @@ def request_digest(
     names: Sequence[str],
     classes: Sequence[str],
     overrides: dict[str, Any] | None,
+    validation: int = 0,
 ) -> str:
     """What makes two learn requests the same request for an Idempotency-Key: the decoded
-    images (so /learn and /learn/upload of the same pixels agree), labels, class order and
-    validated overrides."""
+    images (so /learn and /learn/upload of the same pixels agree), labels, class order,
+    validated overrides and how many images are the validation set."""
     h = hashlib.sha256()
     head = {
         "shape": list(samples.shape),
         "labels": list(names),
         "classes": list(classes),
         "overrides": overrides or {},
+        "validation": validation,
     }
     h.update(json.dumps(head, sort_keys=True).encode())
     h.update(np.ascontiguousarray(samples).tobytes())

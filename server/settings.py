@@ -12,6 +12,11 @@ BSCE_PREDICT_TOKEN             (unset)      bearer token for predict and the rea
 BSCE_WORKERS                   2            API worker processes (each holds its own model)
 BSCE_DEVICE                    auto         torch device for inference: auto (CUDA when
                                             there is one, else CPU), cpu, cuda, cuda:1, ...
+BSCE_PRECISION                 auto         inference arithmetic on CUDA: auto (bf16
+                                            autocast where the GPU supports it), bf16,
+                                            fp32; on CPU inference is fp32 whatever this
+                                            says. The learner worker reads the same
+                                            variable for training (--precision)
 BSCE_TORCH_THREADS             cores/workers  intra-op threads per worker (CPU inference)
 BSCE_TOP_K                     5            labels returned per image unless the request
                                             asks for another k
@@ -31,13 +36,16 @@ BSCE_POLL_INTERVAL_S           0.5          fallback check of the served version
 =============================  ===========  ================================================
 
 Storage settings are the storage package's own: ``REDIS_URL`` (else the embedded Redis
-under ``BSCE_DATA_HOME``), ``BSCE_PREFIX`` (key prefix) and ``BENTOML_HOME`` (model store).
+under ``BSCE_DATA_HOME``), ``BSCE_PREFIX`` (key prefix) and ``BENTOML_HOME`` (model store); upload sessions read ``BSCE_SESSION_STORE``, ``BSCE_SESSION_TTL_S``,
+``BSCE_SESSION_MAX_SAMPLES``, ``BSCE_SESSION_MAX_BYTES`` and ``BSCE_SESSION_CHUNK_BYTES``
+(`storage.SessionSettings`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -55,6 +63,7 @@ class Settings(BaseModel):
     predict_token: SecretStr | None = None
     workers: int = Field(2, ge=1, le=64)
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     torch_threads: int | None = Field(None, ge=1)
     top_k: int = Field(5, ge=1)
     max_top_k: int = Field(100, ge=1)

@@ -71,6 +71,15 @@ from .exemplars import ExemplarStore, MemoryInfo
 from .jobs import Job, JobQueue, JobState, JobStatus, SubmittedJob
 from .keys import Keys
 from .labels import LabelMap, validate_name
+from .sessions import (
+    SessionConflictError,
+    SessionInfo,
+    SessionSettings,
+    SessionStateError,
+    SessionStore,
+    SessionTooLargeError,
+    UnknownSessionError,
+)
 from .store import StepResult, Storage, open_storage
 from .versions import (
     Announcement,
@@ -114,6 +123,13 @@ __all__ = [
     "NotRejectedError",
     "PinnedError",
     "RejectedVersionError",
+    "SessionConflictError",
+    "SessionInfo",
+    "SessionSettings",
+    "SessionStateError",
+    "SessionStore",
+    "SessionTooLargeError",
+    "UnknownSessionError",
     "PointerState",
     "StepResult",
     "Storage",

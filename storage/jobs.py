@@ -45,14 +45,16 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import redis
 from pydantic import BaseModel
 
-from .arrays import check_images, from_bytes, header, to_bytes
+from .arrays import check_images
 from .boundary import guarded
+from .chunks import DEFAULT_CHUNK_BYTES, read_samples, stage_redis_samples
 from .connection import default_prefix
 from .errors import (
     IdempotencyConflictError,
@@ -194,6 +196,9 @@ class JobStatus(BaseModel):
     version: int | None = None
     error: str | None = None
     num_samples: int
+    # Of num_samples, the last `validation` are the request's explicit validation set: held
+    # out for the promotion gate in place of a random split of their classes, never trained.
+    validation: int = 0
     classes: list[str]
     overrides: dict[str, Any] | None = None
     progress: float | None = None  # fraction of the training step done, 0..1
@@ -242,6 +247,8 @@ class Job:
     submitted: datetime | None = None
     # Class name -> label-map index, as registered when the job was queued.
     class_indices: dict[str, int] = field(default_factory=dict)
+    # The last `validation` samples are the request's explicit validation set (JobStatus).
+    validation: int = 0
 
     @property
     def indices(self) -> list[int]:
@@ -313,7 +320,9 @@ def _job_digest(job: _CheckedJob) -> str:
     """What makes two submissions the same request, when the caller gives no digest."""
     h = hashlib.sha256()
     h.update(
-        json.dumps([job.samples.shape, job.labels_json, job.overrides_json, job.classes]).encode()
+        json.dumps(
+            [job.samples.shape, job.labels_json, job.overrides_json, job.classes, job.validation]
+        ).encode()
     )
     h.update(np.ascontiguousarray(job.samples).tobytes())
     return h.hexdigest()
@@ -326,6 +335,7 @@ class _CheckedJob:
     classes: list[str]
     labels_json: str
     overrides_json: str
+    validation: int = 0
 
 
 @guarded
@@ -339,9 +349,13 @@ class JobQueue:
         sample_shape: Sequence[int] | None = None,
         failed_samples_ttl_s: int = DEFAULT_FAILED_SAMPLES_TTL_S,
         labels: LabelMap | None = None,
+        sample_dir: Path | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         """`sample_shape`, when given, is the (C, H, W) every submitted image must have;
-        `labels` is the label map jobs register their classes in (one on `r` by default)."""
+        `labels` is the label map jobs register their classes in (one on `r` by default);
+        `sample_dir` is where upload sessions of the directory store keep samples
+        (storage/sessions.py); `chunk_bytes` bounds one stored chunk of a job's samples."""
         self.r = r
         self.keys = Keys(prefix or default_prefix())
         self.labels = labels if labels is not None else LabelMap(r, self.keys.prefix)
@@ -349,6 +363,8 @@ class JobQueue:
         self.max_attempts = int(max_attempts)
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
         self.failed_samples_ttl_s = int(failed_samples_ttl_s)
+        self.sample_dir = None if sample_dir is None else Path(sample_dir)
+        self.chunk_bytes = int(chunk_bytes)
         self._claim = r.register_script(_CLAIM)
         self._complete = r.register_script(_COMPLETE)
         self._fail = r.register_script(_FAIL)
@@ -372,9 +388,10 @@ class JobQueue:
         labels: Sequence[str],
         overrides: dict[str, Any] | None = None,
         classes: Sequence[str] | None = None,
+        validation: int = 0,
     ) -> str:
         """Queue a job; its id. See `submit_job`."""
-        return self.submit_job(samples, labels, overrides, classes).job_id
+        return self.submit_job(samples, labels, overrides, classes, validation=validation).job_id
 
     def submit_job(
         self,
@@ -384,6 +401,7 @@ class JobQueue:
         classes: Sequence[str] | None = None,
         idempotency_key: str | None = None,
         request_digest: str | None = None,
+        validation: int = 0,
     ) -> SubmittedJob:
         """Register the job's class names and queue it, in one transaction.
 
@@ -397,8 +415,12 @@ class JobQueue:
         with the same `request_digest` (default: a digest of samples, labels, overrides and
         classes) it returns the first submission's job with ``replayed=True``; with another
         it raises `IdempotencyConflictError`.
+
+        `validation`: the last that many samples are an explicit validation set (the promotion
+        gate's held-out images of their classes, never trained on); each of their labels must
+        be one the training samples bring.
         """
-        job = self._checked(samples, labels, overrides, classes)
+        job = self._checked(samples, labels, overrides, classes, validation)
         idem = None
         if idempotency_key is not None:
             idem = _Idempotency.of(self.keys, idempotency_key, request_digest, job)
@@ -431,6 +453,7 @@ class JobQueue:
         labels: Sequence[str],
         overrides: dict[str, Any] | None,
         classes: Sequence[str] | None,
+        validation: int = 0,
     ) -> _CheckedJob:
         check_images(samples, "samples", JobValidationError, chw=self.sample_shape)
         if isinstance(labels, str) or not isinstance(labels, Sequence):
@@ -440,6 +463,7 @@ class JobQueue:
             raise JobValidationError(
                 f"{samples.shape[0]} samples but {len(labels)} labels; one label per sample"
             )
+        _check_validation(labels, validation)
         order = _checked_classes(classes, labels)
         if overrides is not None and not isinstance(overrides, dict):
             raise JobValidationError(f"overrides must be a dict, got {type(overrides).__name__}")
@@ -453,7 +477,7 @@ class JobQueue:
             raise JobTooLargeError(
                 f"job is {size} bytes ({samples.shape[0]} samples), the limit is {self.max_job_bytes} bytes"
             )
-        return _CheckedJob(samples, labels, order, labels_json, overrides_json)
+        return _CheckedJob(samples, labels, order, labels_json, overrides_json, int(validation))
 
     def _stage_submit(
         self,
@@ -463,11 +487,36 @@ class JobQueue:
         job: _CheckedJob,
         plan: LabelPlan,
     ) -> None:
-        k = self.keys
-        pipe.hset(
-            k.job_samples(job_id),
-            mapping={"data": to_bytes(job.samples), "header": header(job.samples)},
+        # In bounded chunks (storage/chunks.py), so the worker reads them chunk by chunk.
+        stage_redis_samples(pipe, self.keys.job_samples(job_id), job.samples, self.chunk_bytes)
+        self.stage_job(
+            pipe,
+            job_id,
+            now,
+            int(job.samples.shape[0]),
+            job.classes,
+            job.labels_json,
+            job.overrides_json,
+            plan,
+            job.validation,
         )
+
+    def stage_job(
+        self,
+        pipe: redis.client.Pipeline,
+        job_id: str,
+        now: float,
+        num_samples: int,
+        classes: Sequence[str],
+        labels_json: str,
+        overrides_json: str,
+        plan: LabelPlan,
+        validation: int = 0,
+    ) -> None:
+        """Queue a job's record and its stream entry (inside MULTI, its samples already
+        staged under ``P:job:<id>:samples``): what `submit_job` and an upload session's
+        commit (storage/sessions.py) share, so both make the same kind of job."""
+        k = self.keys
         pipe.hset(
             k.job(job_id),
             mapping={
@@ -476,11 +525,12 @@ class JobQueue:
                 "submitted": repr(now),
                 "attempts": 0,
                 "failures": 0,
-                "num_samples": job.samples.shape[0],
-                "classes": json.dumps(job.classes),
+                "num_samples": int(num_samples),
+                "classes": json.dumps(list(classes)),
                 "class_indices": json.dumps(plan.indices),
-                "labels": job.labels_json,
-                "overrides": job.overrides_json,
+                "labels": labels_json,
+                "overrides": overrides_json,
+                "validation": int(validation),
             },
         )
         pipe.zadd(k.jobs_index, {job_id: now})
@@ -542,7 +592,7 @@ class JobQueue:
         k = self.keys
         pipe = self.r.pipeline(transaction=True)
         pipe.hgetall(k.job(job_id))
-        pipe.hgetall(k.job_samples(job_id))
+        pipe.exists(k.job_samples(job_id))
         rec, smp = pipe.execute()
         state = rec.get(b"state", b"").decode()
         if not rec or state in FINAL_STATES or not smp:
@@ -563,6 +613,10 @@ class JobQueue:
         pipe.hset(k.job(job_id), mapping={"attempts": deliveries, "stream_id": stream_id})
         pipe.hdel(k.job(job_id), "retry_at")
         pipe.execute()
+        samples = read_samples(self.r, k.job_samples(job_id), self.sample_dir)
+        if samples is None:  # gone between the two reads (finished elsewhere, expired)
+            self._finish_failed(job_id, stream_id, "job samples are missing")
+            return None
         labels = json.loads(rec[b"labels"])
         if b"class_indices" in rec:
             class_indices = {str(n): int(i) for n, i in json.loads(rec[b"class_indices"]).items()}
@@ -571,13 +625,14 @@ class JobQueue:
             class_indices = dict(zip(order, self.labels.get_or_add(order), strict=True))
         return Job(
             id=job_id,
-            samples=from_bytes(smp[b"data"], smp[b"header"]),
+            samples=samples,
             labels=labels,
             overrides=json.loads(rec.get(b"overrides", b"{}")),
             attempts=deliveries,
             stream_id=stream_id,
             submitted=_ts(rec.get(b"submitted")),
             class_indices=class_indices,
+            validation=int(rec.get(b"validation", b"0")),
         )
 
     def _finish_failed(self, job_id: str, stream_id: str, error: str) -> None:
@@ -790,6 +845,7 @@ class JobQueue:
             version=None if version in (None, "") else int(version),
             error=s("error"),
             num_samples=int(s("num_samples") or 0),
+            validation=int(s("validation") or 0),
             classes=json.loads(s("classes") or "[]"),
             overrides=json.loads(s("overrides") or "{}") or None,
             progress=None if s("progress") is None else float(s("progress")),
@@ -847,6 +903,23 @@ def _interim_fields(s: Callable[[str], str | None]) -> dict[str, Any]:
         "full_seconds": num("full_seconds", float),
         "interim_withdrawn": flag("interim_withdrawn"),
     }
+
+
+def _check_validation(labels: builtins.list[str], validation: int) -> None:
+    """The explicit validation set: the last ``validation`` samples, after at least one
+    training sample, of classes the training samples bring (a class with validation images
+    and nothing to learn from would be judged on what it never saw)."""
+    if isinstance(validation, bool) or not isinstance(validation, int) or validation < 0:
+        raise JobValidationError("validation must be a count of samples, 0 or more")
+    if validation >= len(labels):
+        raise JobValidationError("a job needs training samples besides its validation set")
+    trained = set(labels[: len(labels) - validation])
+    stray = sorted(set(labels[len(labels) - validation :]) - trained)
+    if stray:
+        raise JobValidationError(
+            f"validation images of {', '.join(stray)}, which the job brings no training "
+            "images of; validation images must be of the job's own classes"
+        )
 
 
 def _checked_classes(

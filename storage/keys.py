@@ -20,7 +20,15 @@ P:jobs:index                zset    job id scored by submit time (for listing)
 P:jobs:retry                hash    stream entry id -> epoch ms before which a failed job
                                     waits for its next attempt (retry backoff)
 P:job:<id>                  hash    job status record (state, times, class indices, ...)
-P:job:<id>:samples          hash    data (raw bytes), dtype, shape
+P:job:<id>:samples          hash    header (dtype, shape), chunks, store, c<n>: chunk n (raw
+                                    bytes, or its file name; storage/chunks.py)
+P:session:<sid>             hash    an upload session: state (open, committed), classes, counts,
+                                    num_samples, num_chunks, bytes, shape, overrides, job
+                                    (after commit); expires BSCE_SESSION_TTL_S after its last
+                                    change (storage/sessions.py)
+P:session:<sid>:chunks      hash    its samples so far: c<n> (as in P:job:<id>:samples) and
+                                    l<n>: chunk n's labels (uint16 indices into classes);
+                                    same expiry; renamed to P:job:<id>:samples on commit
 P:idem:<sha256 of key>      string  JSON {digest, job}: a submission's idempotency key (24 h)
 P:versions:registry         hash    version -> VersionInfo JSON (the saved, complete ones)
 P:versions:by_job           hash    job id -> version it produced
@@ -111,6 +119,13 @@ class Keys:
         """The record of an idempotency key, named by the key's digest (any client string
         is then a safe key name)."""
         return self._k("idem", key_digest)
+
+    # upload sessions
+    def session(self, session_id: str) -> str:
+        return self._k("session", session_id)
+
+    def session_chunks(self, session_id: str) -> str:
+        return self._k("session", session_id, "chunks")
 
     def job(self, job_id: str) -> str:
         return self._k("job", job_id)

@@ -21,6 +21,7 @@ from .exemplars import ExemplarStore
 from .holdout import HoldoutStore
 from .jobs import DEFAULT_MAX_JOB_BYTES, InterimRecord, JobQueue
 from .labels import LabelMap
+from .sessions import SessionSettings, SessionStore
 from .versions import PointerState, VersionStore
 
 
@@ -50,9 +51,11 @@ class Storage:
         bentoml_home: Path | str | None = None,
         max_job_bytes: int = DEFAULT_MAX_JOB_BYTES,
         sample_shape: Sequence[int] | None = None,
+        sessions: SessionSettings | None = None,
     ) -> None:
         self.r = r
         self.prefix = prefix or default_prefix()
+        session_settings = sessions or SessionSettings()
         self.exemplars = ExemplarStore(r, self.prefix)
         self.labels = LabelMap(r, self.prefix)
         self.jobs = JobQueue(
@@ -61,11 +64,15 @@ class Storage:
             max_job_bytes=max_job_bytes,
             sample_shape=sample_shape,
             labels=self.labels,
+            sample_dir=session_settings.sample_dir(self.prefix),
+            chunk_bytes=session_settings.chunk_bytes,
         )
         self.versions = VersionStore(
             r, self.prefix, bentoml_home=bentoml_home, exemplars=self.exemplars
         )
         self.holdout = HoldoutStore(r, self.prefix)
+        # Upload sessions (storage/sessions.py): jobs posted in batches.
+        self.sessions = SessionStore(r, self.prefix, self.jobs, session_settings)
 
     def close(self) -> None:
         """Close the client (with the embedded Redis, the last one closed stops it)."""
@@ -370,10 +377,14 @@ def open_storage(
     """`connect` + `Storage`, from the environment's settings unless given.
 
     `BSCE_MAX_JOB_BYTES` sets the largest job (decoded samples) the queue takes; the server
-    and the workers of a deployment should agree on it.
+    and the workers of a deployment should agree on it. ``BSCE_SESSION_*`` set the upload
+    sessions (`SessionSettings`); the server and the workers must agree on
+    ``BSCE_SESSION_STORE`` (a directory store must be the same folder on every host).
     """
     if "max_job_bytes" not in kwargs:
         kwargs["max_job_bytes"] = max_job_bytes_from_env()
+    if "sessions" not in kwargs:
+        kwargs["sessions"] = SessionSettings.from_env()
     return Storage(connect(redis_url, data_dir), prefix, bentoml_home=bentoml_home, **kwargs)
 
 

@@ -8,7 +8,7 @@ from learner.base import DEFAULT_BASE_MODEL, load_base
 from learner.core.gate import GateConfig
 from learner.core.versioning import LoadedVersion, load_version
 from learner.data import load_dataset
-from learner.gate import drop_limit, holdout_count, judge, split_holdout
+from learner.gate import drop_limit, holdout_count, judge, split_holdout, split_job
 
 CPU = torch.device("cpu")
 
@@ -158,3 +158,15 @@ def test_drop_limits_widen_with_the_noise_of_a_small_held_out_set():
     assert drop_limit(15.0, 80.0, 1000, 2.0) == 15.0
     assert drop_limit(15.0, 80.0, 10, 0.0) == 15.0
     assert drop_limit(15.0, 100.0, 10, 2.0) == 15.0  # no spread at 100%
+
+
+def test_an_explicit_validation_set_replaces_the_split_of_its_classes_only() -> None:
+    # 30 images of class 3, 40 of class 5, then 6 validation images of class 5.
+    labels = torch.tensor([3] * 30 + [5] * 40 + [5] * 6)
+    keep, held = split_job(labels, 6, GateConfig(), seed=1993)
+    plain_keep, plain_held = split_holdout(labels[:70], GateConfig(), seed=1993)
+    assert torch.equal(held[3], plain_held[3])  # class 3 is split as without a validation set
+    assert held[5].tolist() == list(range(70, 76))  # class 5 is judged on its validation set
+    # Every posted image of class 5 trains, none of the validation images does.
+    assert set(keep.tolist()) == set(range(70)) - set(plain_held[3].tolist())
+    assert torch.equal(split_job(labels[:70], 0, GateConfig(), seed=1993)[0], plain_keep)

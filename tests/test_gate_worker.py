@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +108,39 @@ def test_a_crash_during_the_gate_gives_the_same_decision_once(env, subset):  # n
         torch.tensor(status.gate["old_accuracy"] or 0.0),
         torch.tensor(killed.value.report.old_accuracy or 0.0),
     )
+
+
+@pytest.mark.integration
+def test_an_explicit_validation_set_is_what_the_gate_holds_out(env, subset):  # noqa: F811
+    storage = _storage(env)
+    worker = Worker(storage, _gated(epochs=1), CPU, consumer="w")
+    worker.ensure_initial_version()
+    x, names = _samples(subset, [0, 1], 100)
+    # 15 test images of class 0 as its validation set; class 1 is split as usual.
+    idx = (subset.test.labels == 0).nonzero().squeeze(1)[:15]
+    val = subset.test.images[idx].numpy()
+    job = storage.jobs.submit(np.concatenate([x, val]), names + [names[0]] * 15, validation=15)
+    assert storage.jobs.status(job).validation == 15
+    assert worker.run(once=True) == 1
+    meta = storage.versions.metadata(1)
+    # Class 0 trains on all 100 posted images, class 1 on 90; nothing trains on the 15.
+    assert meta["counts"] == [100, 90]
+    held = storage.holdout.read(meta["heldout_chunks"])
+    assert {c: len(a) for c, a in held.items()} == {0: 15, 1: 10}
+    np.testing.assert_array_equal(held[0], val)
+    assert meta["gate"]["heldout_images"] == 25
+
+
+@pytest.mark.integration
+def test_a_validation_set_of_a_class_the_job_does_not_train_is_refused(env, subset):  # noqa: F811
+    from storage import JobValidationError
+
+    storage = _storage(env)
+    x, names = _samples(subset, [0, 1], 10)
+    other, other_names = _samples(subset, [2], 5)
+    before = storage.jobs.list()
+    with pytest.raises(JobValidationError, match="validation images of"):
+        storage.jobs.submit(np.concatenate([x, other]), names + other_names, validation=5)
+    with pytest.raises(JobValidationError, match="training samples besides"):
+        storage.jobs.submit(x, names, validation=len(names))
+    assert storage.jobs.list() == before and storage.labels.names() == []

@@ -318,6 +318,36 @@ def test_learn_with_an_idempotency_key_makes_one_job(hostile: Hostile) -> None:
     assert snapshot(h) == before
 
 
+def test_learn_with_a_validation_set_queues_it_and_refuses_a_bad_one(hostile: Hostile) -> None:
+    h = hostile
+    red, green = class_images(3, (200, 40, 40), 5), class_images(2, (40, 200, 40), 6)
+    body = {
+        "images": [b64(i) for i in red],
+        "labels": ["red"] * 3,
+        "validation_images": [b64(i) for i in green[:1]],
+        "validation_labels": ["red"],
+    }
+    r = h.post("/learn", json=body, headers=AUTH)
+    assert r.status_code == 202 and r.json()["validation"] == 1, r.text
+    assert r.json()["num_samples"] == 4 and r.json()["classes"] == ["red"]
+    status = h.get(f"/jobs/{r.json()['job_id']}", headers=AUTH).json()
+    assert status["validation"] == 1 and status["num_samples"] == 4
+    files = [("files", (f"{i}.png", img, "image/png")) for i, img in enumerate(red)]
+    files.append(("validation_files", ("v.png", green[0], "image/png")))
+    data = {"labels": '["red", "red", "red"]', "validation_labels": '["red"]'}
+    r = h.post("/learn/upload", files=files, data=data, headers=AUTH)
+    assert r.status_code == 202 and r.json()["validation"] == 1, r.text
+
+    before = snapshot(h)
+    stray = {**body, "validation_labels": ["green"]}
+    assert_refused(h.post("/learn", json=stray, headers=AUTH), 400, "no training images of")
+    short = {**body, "validation_labels": []}
+    assert_refused(h.post("/learn", json=short, headers=AUTH), 400, "validation labels")
+    unlabelled = {k: v for k, v in body.items() if k != "validation_labels"}
+    assert_refused(h.post("/learn", json=unlabelled, headers=AUTH), 400, "validation labels")
+    assert snapshot(h) == before
+
+
 def test_route_misses_bad_limits_and_loose_types_are_4xx_json(hostile: Hostile) -> None:
     h = hostile
     before = snapshot(h)

@@ -36,6 +36,10 @@ class OptimConfig(_Frozen):
     milestones: tuple[float, ...] = Field(
         (0.5, 0.75), description="fractions of the step's epochs where multistep divides lr by 10"
     )
+    # Arithmetic of the training forward passes: "auto" is bf16 autocast on a CUDA device that
+    # supports it and fp32 elsewhere (on CPU nothing changes, bit for bit); "bf16" asks for
+    # autocast on any device, CPU included. Losses are computed in fp32 either way.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class DistillConfig(_Frozen):

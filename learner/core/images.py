@@ -42,6 +42,34 @@ def decode_image(data: bytes, size: int | None = None, channels: int = 3) -> np.
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+# A model that trains on random crops without padding (the ImageNet recipe: 224 of 256) keeps
+# its training images at this multiple of the crop, as torchvision's Resize(256) does.
+_UNPADDED_STORE_RATIO = 256 / 224
+
+
+def training_side(crop: int, pad: int) -> int:
+    """The side of a stored training image for a model that takes ``crop`` x ``crop`` inputs
+    and trains on random crops after ``pad`` pixels of zero padding.
+
+    One rule for the data loaders (learner/data.py), the offline runner that reads them and
+    the server's learn routes, so an image posted over HTTP is stored exactly as the offline
+    runner would have it (replay equals offline). A padded recipe (CIFAR: crop 32, pad 4)
+    crops within the padding, so images are stored at the crop size; an unpadded one
+    (ImageNet: crop 224, pad 0) crops within a larger image, stored at 256 (crop * 256/224).
+    """
+    if crop < 1 or pad < 0:
+        raise ValueError(f"crop must be positive and pad not negative, got {crop}, {pad}")
+    return crop if pad > 0 else int(round(crop * _UNPADDED_STORE_RATIO))
+
+
+def to_training_input(data: bytes, crop: int, pad: int, channels: int = 3) -> np.ndarray:
+    """Image bytes of any size as the ``(channels, S, S)`` uint8 array a model of ``crop``
+    and ``pad`` stores for training, S = `training_side`: the shorter side resized to S
+    (bilinear), then the centre S x S square. An image already S x S is left untouched
+    (byte-identical pixels), so exact-size posts store what they always stored."""
+    return decode_image(data, size=training_side(crop, pad), channels=channels)
+
+
 def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     width, height = img.size
     # Rounding as in torchvision (int() for the long side, round() for the crop offset), so

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -17,6 +18,37 @@ def resolve_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
     return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting on ``device``; None is plain fp32.
+
+    ``auto`` is bf16 on a CUDA device that supports it, fp32 anywhere else (CPU results stay
+    bit for bit what they were); ``bf16`` is bf16 on any device; ``fp32`` is fp32.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``fp32`` or ``bf16``: what a resolved precision is called in result files."""
+    return "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[object]:
+    """``torch.autocast`` on ``device`` with ``dtype``; a no-op context for None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _cpu_model() -> str:
@@ -46,4 +78,9 @@ def describe_machine(device: torch.device) -> dict[str, object]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        info["gpu_memory_bytes"] = props.total_memory
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["cuda"] = torch.version.cuda
+        info["bf16_supported"] = torch.cuda.is_bf16_supported()
     return info
