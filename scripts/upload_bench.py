@@ -114,6 +114,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     encoded = [png_b64(data.train.images[i].numpy()) for i in picked]
     labels = [names[int(data.train.labels[i])] for i in picked]
     body_bytes = sum(len(e) for e in encoded)
+    test = [i for i, y in enumerate(data.test.labels.tolist()) if names[y] in per]
+    probes = (
+        [png_b64(data.test.images[i].numpy()) for i in test],
+        [names[int(data.test.labels[i])] for i in test],
+    )
 
     with tempfile.TemporaryDirectory(prefix="bsce-upload-") as tmp:
         env = {
@@ -128,9 +133,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             url = stack.url
             r = connect(None, Path(tmp) / "state")
             try:
-                return measure(args, stack, url, r, encoded, labels, wanted, body_bytes)
+                result = measure(args, stack, url, r, encoded, labels, wanted, body_bytes)
+                result["test_accuracy"] = accuracy(url, *probes)
+                return result
             finally:
                 close(r)
+
+
+def accuracy(url: str, images: list[str], labels: list[str]) -> dict[str, Any]:
+    """The served version's accuracy on the classes' CIFAR-10 test images, per class: that the
+    step was learned, not only stored."""
+    right: dict[str, list[int]] = {}
+    for start in range(0, len(images), 200):
+        answer = requests.post(
+            f"{url}/predict", json={"images": images[start : start + 200]}, timeout=600
+        )
+        answer.raise_for_status()
+        for p, want in zip(answer.json()["predictions"], labels[start : start + 200], strict=True):
+            right.setdefault(want, []).append(int(p["labels"][0]["label"] == want))
+    per_class = {c: round(100.0 * sum(v) / len(v), 1) for c, v in right.items()}
+    return {"per_class": per_class, "mean": round(sum(per_class.values()) / len(per_class), 1)}
 
 
 def measure(
