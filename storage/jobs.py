@@ -465,12 +465,7 @@ class JobQueue:
             )
         _check_validation(labels, validation)
         order = _checked_classes(classes, labels)
-        if overrides is not None and not isinstance(overrides, dict):
-            raise JobValidationError(f"overrides must be a dict, got {type(overrides).__name__}")
-        try:
-            overrides_json = json.dumps(overrides or {}, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise JobValidationError(f"overrides must be JSON-serialisable: {e}") from None
+        overrides_json = checked_overrides_json(overrides)
         labels_json = json.dumps(labels)
         size = samples.nbytes + len(labels_json) + len(overrides_json)
         if size > self.max_job_bytes:
@@ -903,6 +898,16 @@ def _interim_fields(s: Callable[[str], str | None]) -> dict[str, Any]:
         "full_seconds": num("full_seconds", float),
         "interim_withdrawn": flag("interim_withdrawn"),
     }
+
+
+def checked_overrides_json(overrides: dict[str, Any] | None) -> str:
+    """A job's overrides as stored: a JSON object (the learner validates the knobs)."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise JobValidationError(f"overrides must be a dict, got {type(overrides).__name__}")
+    try:
+        return json.dumps(overrides or {}, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise JobValidationError(f"overrides must be JSON-serialisable: {e}") from None
 
 
 def _check_validation(labels: builtins.list[str], validation: int) -> None:

@@ -54,7 +54,7 @@ from .boundary import guarded
 from .chunks import DEFAULT_CHUNK_BYTES, STORE_DIR, STORE_REDIS, chunk_field, split
 from .connection import default_prefix
 from .errors import JobTooLargeError, JobValidationError, StorageError
-from .jobs import JobQueue, SubmittedJob
+from .jobs import JobQueue, SubmittedJob, checked_overrides_json
 from .keys import Keys
 from .labels import validate_name
 
@@ -161,12 +161,7 @@ class SessionStore:
         order = [validate_name(n) for n in classes]
         if len(set(order)) != len(order):
             raise JobValidationError("classes must list each class once")
-        if overrides is not None and not isinstance(overrides, dict):
-            raise JobValidationError(f"overrides must be a dict, got {type(overrides).__name__}")
-        try:
-            overrides_json = json.dumps(overrides or {}, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise JobValidationError(f"overrides must be JSON-serialisable: {e}") from None
+        overrides_json = checked_overrides_json(overrides)
         self.sweep()
         sid = uuid.uuid4().hex
         now = time.time()
