@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from learner.core.config import AugmentConfig
 from learner.core.evaluate import class_means_from_features, infer
@@ -32,8 +33,15 @@ from learner.core.model import IncrementalNet
 from learner.exemplars import ExemplarMemory
 from learner.losses import balanced_softmax_cross_entropy, log_prior
 
-FIT_ITERATIONS = 100
-WEIGHT_DECAY = 5e-4
+
+class InterimFitConfig(BaseModel):
+    """The interim fit's knobs (ours): full-batch L-BFGS iterations, and the L2 weight on the
+    rows it fits (what keeps 20 posted images from fitting a row of any norm)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    iterations: int = Field(100, ge=1)
+    weight_decay: float = Field(5e-4, ge=0)
 
 
 @dataclass(frozen=True)
@@ -118,10 +126,12 @@ def fit_interim(
     job: Features,
     exemplars: Features,
     generator: torch.Generator,
+    config: InterimFitConfig | None = None,
 ) -> InterimFit:
     """The interim network: ``parent`` with its head grown to the job's classes and the rows
     of the job's classes fit with BSCE on ``job`` and ``exemplars`` (features under
     ``parent``). ``parent`` is left untouched."""
+    config = config or InterimFitConfig()
     t0 = time.perf_counter()
     seen = max(parent.num_classes, int(job.y.max()) + 1)
     model = copy.deepcopy(parent).cpu().eval()
@@ -129,11 +139,12 @@ def fit_interim(
     x, y = torch.cat([job.x, exemplars.x]), torch.cat([job.y, exemplars.y])
     counts = torch.bincount(y, minlength=seen)
     rows = sorted(int(c) for c in job.y.unique())
-    losses = _fit_rows(model, x, y, counts, rows)
+    losses = _fit_rows(model, x, y, counts, rows, config)
     model.requires_grad_(True)
     report = {
         "fast_path": True,
         "fit": "BSCE on frozen features, L-BFGS",
+        "fit_config": config.model_dump(),
         "fit_rows": rows,
         "counts": counts.tolist(),
         "job_images": len(job),
@@ -151,6 +162,7 @@ def _fit_rows(
     y: torch.Tensor,
     counts: torch.Tensor,
     rows: list[int],
+    config: InterimFitConfig,
 ) -> tuple[float, float]:
     """Fit the head's weight (and bias) rows ``rows`` in place; the loss before and after."""
     prior = log_prior(counts)
@@ -161,13 +173,13 @@ def _fit_rows(
     frozen = torch.ones(model.num_classes, dtype=torch.bool)
     frozen[rows] = False
     optimizer = torch.optim.LBFGS(
-        params, lr=1.0, max_iter=FIT_ITERATIONS, history_size=20, line_search_fn="strong_wolfe"
+        params, lr=1.0, max_iter=config.iterations, history_size=20, line_search_fn="strong_wolfe"
     )
 
     def loss() -> torch.Tensor:
         penalty = sum((p[~frozen] ** 2).sum() for p in params)
         fit = balanced_softmax_cross_entropy(model.logits(x), y, prior)
-        return fit + 0.5 * WEIGHT_DECAY * penalty
+        return fit + 0.5 * config.weight_decay * penalty
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()

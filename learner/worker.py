@@ -99,6 +99,7 @@ from learner.fast_path import (
     ExemplarFeatures,
     Features,
     InterimFit,
+    InterimFitConfig,
     fit_interim,
     interim_generator,
     memory_features,
@@ -152,8 +153,9 @@ class WorkerConfig(BaseModel):
     # version passes before it is served.
     gate: GateConfig = GateConfig()
     # The fast path (learner/fast_path.py): an interim version within seconds of each job,
-    # then the full step.
+    # then the full step; and the interim's head fit.
     fast_path: bool = True
+    interim_fit: InterimFitConfig = InterimFitConfig()
 
 
 def retry_delay(config: WorkerConfig, attempt: int) -> float:
@@ -428,7 +430,11 @@ class Worker:
         exemplars = self._exemplar_features(parent, step_config)
         t2 = time.perf_counter()
         fit = fit_interim(
-            parent.state.model, new, exemplars, interim_generator(self.config.seed, job.id)
+            parent.state.model,
+            new,
+            exemplars,
+            interim_generator(self.config.seed, job.id),
+            self.config.interim_fit,
         )
         fit.report.update(
             job_feature_seconds=t1 - t0,
