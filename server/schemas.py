@@ -319,6 +319,11 @@ class Health(BaseModel):
         "retried on every poll. Still ready.",
     )
     detail: str | None = Field(None, description="Why not ready, or the last failed load")
+    model_memory: dict[str, Any] | None = Field(
+        None,
+        description="Bytes of the served version, of a version being loaded beside it and "
+        "their sum at the last swap; on CUDA, what torch's allocator holds (server/holder.py)",
+    )
 
 
 class ErrorBody(BaseModel):
