@@ -247,6 +247,21 @@ def method_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def paired_runs(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The runs of the (class order, seed) pairs every method ran, and those pairs' names.
+
+    Why: class orders differ by more than methods do (on cifar10-b0-s5 at a small budget the
+    average incremental accuracy of one method spans 9 points over three orders), so a
+    method with three orders beside methods with one is compared on the orders they share.
+    """
+    by_method: dict[str, set[tuple[str | None, int]]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], set()).add((r.get("order_name"), r["seed"]))
+    common = set.intersection(*by_method.values()) if by_method else set()
+    paired = [r for r in results if (r.get("order_name"), r["seed"]) in common]
+    return paired, [f"{o} seed {s}" for o, s in sorted(common, key=str)]
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
@@ -347,7 +362,13 @@ def write_table(
     title = table_title(results, protocol, config)
     name = stem(protocol.name, config)
     md, png = out / f"{name}_table.md", out / f"{name}.png"
-    md.write_text(format_markdown(rows, title))
+    text = format_markdown(rows, title)
+    paired, pairs = paired_runs(results)
+    if pairs and len(paired) < len(results):
+        text += "\n" + format_markdown(
+            method_rows(paired), f"The same, on what every method ran: {', '.join(pairs)}"
+        )
+    md.write_text(text)
     plot_cost(rows, png, title)
     print(md.read_text())
     print(f"wrote {md} and {png}")

@@ -83,3 +83,19 @@ def test_a_tiny_comparison_writes_results_table_and_plot(tmp_path, monkeypatch):
     # Another budget into the same folder is refused, not mixed in.
     with pytest.raises(SystemExit, match="another recipe"):
         compare.main([*argv, "--lr", "0.05"])
+
+
+def test_methods_are_also_compared_on_the_orders_they_share():
+    def run(method, order, seed=1993):
+        return {"method": method, "order_name": order, "seed": seed}
+
+    results = [
+        run("bsce", "seed1993-permutation"),
+        run("bsce", "seed1994-permutation"),
+        run("ce", "seed1993-permutation"),
+        run("ce", "seed1993-permutation", seed=7),
+        run("wa", "seed1993-permutation"),
+    ]
+    paired, pairs = compare.paired_runs(results)
+    assert pairs == ["seed1993-permutation seed 1993"]
+    assert [r["method"] for r in paired] == ["bsce", "ce", "wa"]
