@@ -24,22 +24,14 @@ from pathlib import Path
 import torch
 
 from learner import bench
-from learner.core.evaluate import infer
 from learner.core.machine import describe_machine, resolve_device
 from learner.core.model import IncrementalNet
 from learner.data import load_dataset
 from learner.exemplars import ExemplarMemory
+from learner.gate import accuracy_by_class
 from learner.metrics import balance, harmonic_mean
 from learner.protocols import get_protocol, resolve_class_order
 from learner.step import StepData, train_step
-
-
-def class_accuracy(
-    model: IncrementalNet, images: torch.Tensor, labels: torch.Tensor, config, device
-):
-    logits, _ = infer(model, images, config.augment, device=device)
-    right = logits.argmax(1) == labels
-    return {int(c): 100.0 * float(right[labels == c].float().mean()) for c in labels.unique()}
 
 
 def joint_steps(args: argparse.Namespace) -> dict:
@@ -72,7 +64,9 @@ def joint_steps(args: argparse.Namespace) -> dict:
         )
         seconds = time.perf_counter() - t0
         mask = (test_y >= 0) & (test_y < hi)
-        acc = class_accuracy(result.model, dataset.test.images[mask], test_y[mask], config, device)
+        x, y = dataset.test.images[mask], test_y[mask]
+        by_class = {c: x[y == c].numpy() for c in range(hi)}
+        acc = accuracy_by_class(result.model, config.augment, by_class, device)
         old = sum(acc[c] for c in range(lo)) / lo
         new = sum(acc[c] for c in range(lo, hi)) / (hi - lo)
         rows.append(
