@@ -5,18 +5,24 @@
 # paper's CE baseline and the recipe before the balance controls ("today": adaptive lambda
 # uncapped). The default-recipe runs come first because the balance target is judged on them.
 # About 5 minutes a run on 2 idle cores.
-# Usage: scripts/balance_runs.sh [OUT] [EXTRA FLAGS...]   (e.g. --min-steps 0 for the
-# 2026-11-29 proxy table in results/balance/)
+# Usage: [PC=N|all] [MEMORIES="2000 500 0"] scripts/balance_runs.sh [OUT] [EXTRA FLAGS...]
+#   (e.g. --min-steps 0 for the 2026-11-29 proxy table in results/balance/; PC=all
+#   --min-steps 600 for results/balance_full_s600/). PC: training images a class (all: every
+#   one); MEMORIES: the memory sizes to run, so that two instances can share the work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/balance_steps150}
 shift || true
-COMMON=(--protocol cifar10-b0-s5 --max-train-per-class 1000 --epochs 3 --threads 2 --no-progress "$@")
+PC=${PC:-1000}
+MEMORIES=${MEMORIES:-2000 500 0}
+CAP=()
+[ "$PC" != all ] && CAP=(--max-train-per-class "$PC")
+COMMON=(--protocol cifar10-b0-s5 "${CAP[@]}" --epochs 3 --threads 2 --no-progress "$@")
 source scripts/bench_runs.sh
-for m in 2000 500 0; do
+for m in $MEMORIES; do
   run "m$m-default-orders3" --memory "$m" --orders 3
 done
-for m in 2000 500 0; do
+for m in $MEMORIES; do
   run "m$m-today" --memory "$m" --distill-cap 1
   run "m$m-ce" --memory "$m" --method ce --distill-cap 1
 done
