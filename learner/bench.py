@@ -314,6 +314,55 @@ def result_filename(result: dict[str, Any], default_order: str | None = None) ->
     return f"{run_stem(result)}{tag}_seed{result['seed']}_{device}.json"
 
 
+def recorded_config(config: dict[str, Any], *, with_method: bool = True) -> dict[str, Any]:
+    """A recorded config read through StepConfig, so that a file recorded before a field was
+    added (with the field's default, which is what it ran with) still matches; without the
+    method, what every run of one comparison table shares."""
+    full = StepConfig.model_validate(config).model_dump(mode="json")
+    return full if with_method else {k: v for k, v in full.items() if k != "method"}
+
+
+def same_budget(
+    result: dict[str, Any],
+    protocol: Protocol,
+    config: StepConfig,
+    max_train_per_class: int | None,
+    device: torch.device,
+    *,
+    with_method: bool = True,
+) -> bool:
+    """Whether a recorded result ran this protocol at this recipe, data cap and device type."""
+    return (
+        result.get("format") == RESULT_FORMAT
+        and result.get("protocol") == protocol.name
+        and result.get("max_train_per_class") == max_train_per_class
+        and result["machine"]["device"].split(":")[0] == device.type
+        and recorded_config(result["config"], with_method=with_method)
+        == recorded_config(config.model_dump(mode="json"), with_method=with_method)
+    )
+
+
+def planned_path(
+    out: Path,
+    protocol: Protocol,
+    config: StepConfig,
+    order_name: str,
+    seed: int,
+    device: torch.device,
+) -> Path:
+    """Where a run's result file will be named, known before the run (for resuming)."""
+    planned = {
+        "protocol": protocol.name,
+        "method": config.method,
+        "memory": config.memory.model_dump(mode="json"),
+        "config": config.model_dump(mode="json"),
+        "order_name": order_name,
+        "seed": seed,
+        "machine": {"device": str(device)},
+    }
+    return out / result_filename(planned, default_order=protocol.class_order)
+
+
 def summary_filename(result: dict[str, Any], orders: int, seeds: int) -> str:
     return f"{run_stem(result)}_orders{orders}_seeds{seeds}_summary.json"
 
@@ -444,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep an (order, seed) whose result file in --out exists from the same recipe "
+        "and budget, and run the rest (a series split over sessions)",
+    )
+    p.add_argument(
         "--dist-timeout",
         type=float,
         default=DistConfig().timeout_s,
@@ -491,9 +546,15 @@ def _run(args: argparse.Namespace, device: torch.device, dist: Dist) -> list[dic
     if dist.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.resume and dist.world_size > 1:
+        raise SystemExit("error: --resume runs in one process, not under torchrun")
     for order_name in orders:
         order = resolve_class_order(protocol, dataset.train.class_names, order_name)
         for seed in seeds:
+            kept = _kept_result(args, protocol, config, order, order_name, seed, device)
+            if kept is not None:
+                results.append(kept)
+                continue
             result = run_protocol(
                 protocol,
                 config,
@@ -521,6 +582,37 @@ def _run(args: argparse.Namespace, device: torch.device, dist: Dist) -> list[dic
         print(format_summary(summary))
         print(f"wrote {path}")
     return results
+
+
+def _kept_result(
+    args: argparse.Namespace,
+    protocol: Protocol,
+    config: StepConfig,
+    order: Sequence[int],
+    order_name: str,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any] | None:
+    """With ``--resume``, the result file of this (order, seed) when one exists from the same
+    recipe and budget: a series cut short by the end of a session goes on from its last
+    finished run. A file of another recipe under the same name is an error, not a result."""
+    if not args.resume:
+        return None
+    path = planned_path(args.out, protocol, config, order_name, seed, device)
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if not (
+        same_budget(result, protocol, config, args.max_train_per_class, device)
+        and result.get("class_order") == list(order)
+        and result.get("seed") == seed
+    ):
+        raise SystemExit(
+            f"error: {path} exists but was run with another recipe, budget or order; "
+            "use another --out"
+        )
+    print(f"kept {path}")
+    return result
 
 
 if __name__ == "__main__":

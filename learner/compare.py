@@ -70,51 +70,6 @@ def stem(protocol: str, config: StepConfig) -> str:
     )
 
 
-def _recipe(config: dict[str, Any]) -> dict[str, Any]:
-    """A recorded config without its method: what every run of one table shares. Read
-    through StepConfig, so a file recorded before a field was added (with the field's
-    default, which is what it ran with) still matches."""
-    full = StepConfig.model_validate(config).model_dump(mode="json")
-    return {k: v for k, v in full.items() if k != "method"}
-
-
-def same_budget(
-    result: dict[str, Any],
-    protocol: Protocol,
-    config: StepConfig,
-    max_train_per_class: int | None,
-    device: torch.device,
-) -> bool:
-    return (
-        result.get("format") == bench.RESULT_FORMAT
-        and result.get("protocol") == protocol.name
-        and result.get("max_train_per_class") == max_train_per_class
-        and result["machine"]["device"].split(":")[0] == device.type
-        and _recipe(result["config"]) == _recipe(config.model_dump(mode="json"))
-    )
-
-
-def result_path(
-    out: Path,
-    protocol: Protocol,
-    config: StepConfig,
-    order_name: str,
-    seed: int,
-    device: torch.device,
-) -> Path:
-    """Where ``bench`` names the run's result file, known before the run (for resuming)."""
-    planned = {
-        "protocol": protocol.name,
-        "method": config.method,
-        "memory": config.memory.model_dump(mode="json"),
-        "config": config.model_dump(mode="json"),
-        "order_name": order_name,
-        "seed": seed,
-        "machine": {"device": str(device)},
-    }
-    return out / bench.result_filename(planned, default_order=protocol.class_order)
-
-
 def run_all(args: argparse.Namespace) -> tuple[Protocol, StepConfig, torch.device]:
     """Run every planned run whose result file is missing; returns the table's budget."""
     device = resolve_device(args.device)
@@ -132,7 +87,7 @@ def run_all(args: argparse.Namespace) -> tuple[Protocol, StepConfig, torch.devic
         for order_name in orders:
             order = resolve_class_order(protocol, dataset.train.class_names, order_name)
             for seed in seeds:
-                path = result_path(args.out, protocol, config, order_name, seed, device)
+                path = bench.planned_path(args.out, protocol, config, order_name, seed, device)
                 if path.exists():
                     _check_existing(path, protocol, config, args.max_train_per_class, device)
                     print(f"exists, skipped: {path}")
@@ -164,7 +119,14 @@ def _check_existing(
 ) -> None:
     # The file name does not carry every knob: a file of another recipe under the same name
     # must not pass for this one.
-    if not same_budget(json.loads(path.read_text()), protocol, config, max_train_per_class, device):
+    if not bench.same_budget(
+        json.loads(path.read_text()),
+        protocol,
+        config,
+        max_train_per_class,
+        device,
+        with_method=False,
+    ):
         raise SystemExit(
             f"error: {path} exists but was run with another recipe or budget; use another --out"
         )
@@ -187,7 +149,9 @@ def collect(
         if (
             isinstance(result, dict)
             and "steps" in result
-            and same_budget(result, protocol, config, max_train_per_class, device)
+            and bench.same_budget(
+                result, protocol, config, max_train_per_class, device, with_method=False
+            )
         ):
             results.append(result)
     return results

@@ -1,4 +1,5 @@
-"""learner.compare: which methods run, a tiny comparison on the bundled subset, resuming."""
+"""learner.compare: which methods run, a tiny comparison on the bundled subset, resuming (and
+learner.bench's own --resume)."""
 
 import json
 
@@ -99,3 +100,38 @@ def test_methods_are_also_compared_on_the_orders_they_share():
     paired, pairs = compare.paired_runs(results)
     assert pairs == ["seed1993-permutation seed 1993"]
     assert [r["method"] for r in paired] == ["bsce", "ce", "wa"]
+
+
+def test_a_bench_series_resumes_from_its_finished_runs(tmp_path, monkeypatch):
+    """``learner.bench --resume``: a series over orders cut short (here: the second order's
+    file is gone) trains only what is missing, keeps the finished file untouched, and its
+    summary covers every run."""
+    out = tmp_path / "series"
+    argv = [*_TINY, "--memory", "40", "--orders", "2", "--out", str(out), "--resume"]
+    first = bench.main(argv)
+    runs = sorted(out.glob("*_cpu.json"))
+    assert len(runs) == 2
+    missing = next(p for p in runs if "_order-" in p.name)
+    finished = next(p for p in runs if p != missing)
+    missing.unlink()
+    mtime = finished.stat().st_mtime_ns
+
+    trained = []
+    run_protocol = bench.run_protocol
+
+    def counting(*args, **kwargs):
+        trained.append(args[3])
+        return run_protocol(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_protocol", counting)
+    again = bench.main(argv)
+    assert trained == [first[1]["class_order"]]
+    assert finished.stat().st_mtime_ns == mtime and missing.exists()
+    assert again[0] == json.loads(json.dumps(first[0]))
+    # Same seed, same order: the rerun of the missing order is the same run.
+    assert again[1]["cnn"]["accuracy_matrix"] == first[1]["cnn"]["accuracy_matrix"]
+    summary = json.loads(next(out.glob("*_summary.json")).read_text())
+    assert len(summary["runs"]) == 2
+    # A file of another recipe under the same name is refused, not kept.
+    with pytest.raises(SystemExit, match="another recipe"):
+        bench.main([*argv, "--lr", "0.05"])
