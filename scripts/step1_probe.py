@@ -24,7 +24,7 @@ from learner.step import StepData, train_step
 
 args = bench.build_parser().parse_args(sys.argv[1:])
 torch.set_num_threads(args.threads or 2)
-device = resolve_device("cpu")
+device = resolve_device(args.device)
 protocol = get_protocol(args.protocol)
 dataset = load_dataset(protocol.dataset, root=args.data_root)
 config = bench.config_from_args(args, protocol, dataset)
@@ -32,7 +32,7 @@ order = resolve_class_order(protocol, dataset.train.class_names, args.order or p
 remap = torch.full((len(dataset.train.class_names),), -1, dtype=torch.int64)
 remap[torch.as_tensor(list(order))] = torch.arange(len(order))
 train_y, test_y = remap[dataset.train.labels], remap[dataset.test.labels]
-hi = 2
+hi = protocol.step_sizes()[0]
 idx = ((train_y >= 0) & (train_y < hi)).nonzero().squeeze(1)
 if args.max_train_per_class:
     idx = bench.limit_per_class(idx, train_y, args.max_train_per_class)
@@ -52,7 +52,7 @@ x, y = dataset.test.images[mask], test_y[mask]
 acc = accuracy_by_class(r.model, config.augment, {c: x[y == c].numpy() for c in range(hi)}, device)
 print(
     sys.argv[1:],
-    [dataset.train.class_names[c] for c in order[:2]],
+    [dataset.train.class_names[c] for c in order[:hi]],
     {c: round(a, 1) for c, a in acc.items()},
     "steps",
     r.report.optimizer_steps,
