@@ -35,6 +35,33 @@ _ON_DEVICE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
+class TimeBudget:
+    """A bound on the seconds of a step's training loop: the worker's latency target, not part
+    of the recipe (a benchmark never sets one, so its steps are the same on every machine).
+
+    It trades only what ``optim.min_steps`` added: after each epoch the loop projects the
+    epochs left at its pace so far and drops those that would end past the bound, but never
+    below ``optim.epochs`` (so a large post, or a protocol replayed through the server, trains
+    its epochs whatever the bound); the learning-rate schedule then spans the shortened budget.
+    Why: the project's CPUs differ about 2.5x in training speed (README, "Learning latency"),
+    and on the slower ones the 150-step minimum of a small post alone took 87-109 s; the bound
+    keeps a post served within a minute there, at the price of fewer optimizer steps, which
+    the step's report records beside the steps it asked for. ``clock`` is injectable so that a
+    test can fix the pace.
+    """
+
+    seconds: float
+    clock: Callable[[], float] = time.perf_counter
+
+    def epochs_within(self, budget: Budget, floor: int, done: int, elapsed: float) -> int:
+        """The epochs to train in all (at least ``floor``, at most ``budget.epochs``), after
+        ``done`` epochs took ``elapsed`` seconds."""
+        per_epoch = elapsed / done
+        fit = done + max(0, math.floor((self.seconds - elapsed) / per_epoch))
+        return max(done, floor, min(budget.epochs, fit))
+
+
+@dataclass(frozen=True)
 class StepData:
     """The new data of a step: uint8 images (N, C, H, W) and their class indices (label-map
     order). Classes already known to the model may appear: they are trained as old classes with
@@ -67,6 +94,10 @@ class StepReport(BaseModel):
     min_steps: int = 0
     batches_per_epoch: int = 0
     optimizer_steps: int = 0
+    # A time bound on the training loop (the worker's; None: none) and the optimizer steps the
+    # budget asked for before the bound cut it (equal to optimizer_steps when it did not).
+    time_budget_seconds: float | None = None
+    planned_steps: int = 0
     images_trained: int
     loss_per_epoch: list[float]
     # The training loop; a second stage after it (BiC, WA, EEIL) is timed apart, so that a
@@ -117,10 +148,12 @@ def train_step(
     generator: torch.Generator,
     on_epoch: Callable[[int, int, float], None] | None = None,
     dist: Dist = SINGLE,
+    time_budget: TimeBudget | None = None,
 ) -> StepResult:
     """Train ``model`` on ``data`` plus ``memory``; return the next version and its memory.
 
     ``on_epoch(epoch, epochs, mean_loss)`` reports progress (progress bars, job status).
+    ``time_budget`` bounds the training loop's seconds (see `TimeBudget`).
     ``dist``: under torchrun every rank calls this with the same arguments; each trains on
     its slice of every batch and all return the same result (learner/distributed.py).
     """
@@ -145,26 +178,27 @@ def train_step(
 
     method.before_training(counts, device)
     lam = method.distill_weight(old, seen) if teacher is not None else 0.0
-    budget = resolve_budget(config.optim, int(labels.shape[0]))
+    planned = resolve_budget(config.optim, int(labels.shape[0]))
 
     def train(x: torch.Tensor, y: torch.Tensor, optim: OptimConfig) -> list[float]:
         b = resolve_budget(optim, int(y.shape[0]))
         c = config.model_copy(update={"optim": optim})
-        return _train(student, teacher, x, y, method, lam, b, c, device, generator, None, dist)
+        return _train(student, teacher, x, y, method, lam, b, c, device, generator, None, dist)[0]
 
-    losses = _train(
+    losses, budget = _train(
         student,
         teacher,
         images,
         labels,
         method,
         lam,
-        budget,
+        planned,
         config,
         device,
         generator,
         on_epoch,
         dist,
+        time_budget,
     )
     train_seconds = time.perf_counter() - start
     images_trained = budget.epochs * int(labels.shape[0])
@@ -200,6 +234,8 @@ def train_step(
         min_steps=config.optim.min_steps,
         batches_per_epoch=budget.batches,
         optimizer_steps=budget.steps,
+        time_budget_seconds=None if time_budget is None else time_budget.seconds,
+        planned_steps=planned.steps,
         images_trained=images_trained,
         loss_per_epoch=losses,
         train_seconds=train_seconds,
@@ -265,7 +301,10 @@ def _train(
     generator: torch.Generator,
     on_epoch: Callable[[int, int, float], None] | None,
     dist: Dist = SINGLE,
-) -> list[float]:
+    time_budget: TimeBudget | None = None,
+) -> tuple[list[float], Budget]:
+    """The training loop; returns each epoch's mean loss and the budget it trained (fewer
+    epochs than ``budget`` where ``time_budget`` cut it)."""
     o = config.optim
     student.train()
     # Under a group: DDP over the ranks, each on its slice of the same global batch.
@@ -274,7 +313,7 @@ def _train(
         student.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
     )
     n = int(labels.shape[0])
-    batches, total = budget.batches, budget.steps
+    batches = budget.batches
     # The augmentation draws on the training device; its seed comes from the step's generator
     # so one seed still fixes the whole run.
     aug_gen = torch.Generator(device=device)
@@ -283,7 +322,10 @@ def _train(
     # Mixed precision: the forward passes under autocast, the loss in fp32 (None: all fp32).
     amp = resolve_precision(o.precision, device)
     losses = []
-    for epoch in range(budget.epochs):
+    started = time_budget.clock() if time_budget is not None else 0.0
+    epoch = 0
+    while epoch < budget.epochs:
+        total = budget.steps
         order = torch.randperm(n, generator=generator).to(labels.device)
         running = torch.zeros((), device=device)
         for b in range(batches):
@@ -310,9 +352,15 @@ def _train(
             optimizer.step()
             running += part.share(loss.detach())
         losses.append(float(dist.sum(running)) / batches)
-        dist.report(on_epoch, epoch + 1, budget.epochs, losses[-1])
+        epoch += 1
+        if time_budget is not None:
+            # Rank 0's clock decides for every rank, so that all train the same epochs.
+            elapsed = time_budget.clock() - started
+            fit = time_budget.epochs_within(budget, min(o.epochs, budget.epochs), epoch, elapsed)
+            budget = Budget(epochs=dist.broadcast_object(fit), batches=batches)
+        dist.report(on_epoch, epoch, budget.epochs, losses[-1])
     dist.sync_module(student)
-    return losses
+    return losses, budget
 
 
 def update_memory(

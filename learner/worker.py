@@ -26,6 +26,12 @@ once: a parent version that cannot be loaded (weights, metadata or exemplar memo
 job over the operator's limits (``BSCE_MAX_JOB_STEPS`` optimizer steps, checked before
 training; ``BSCE_MAX_JOB_SECONDS`` of wall time, checked after each epoch).
 
+Latency. A job's training loop is bounded to ``train_seconds`` (``BSCE_TRAIN_SECONDS``, 50 s;
+0: no bound): where the epochs that the step minimum added would run past it, the last of them
+are dropped (learner.step.TimeBudget; never below ``--epochs``), so a small post is served
+within a minute on the slower CPUs too; the version's report records the steps planned and
+trained.
+
 The promotion gate (``--no-gate`` turns it off). A tenth of each posted class's images (at
 most 50) is held out of training and kept with the version; after training, the new version
 and its parent are evaluated on the held-out images of every class they know, and a version
@@ -105,7 +111,7 @@ from learner.fast_path import (
     memory_features,
 )
 from learner.gate import judge, split_job
-from learner.step import StepData, StepResult, resolve_budget, train_step
+from learner.step import StepData, StepResult, TimeBudget, resolve_budget, train_step
 from storage import (
     Job,
     JobStateError,
@@ -141,6 +147,11 @@ class WorkerConfig(BaseModel):
     # Neither is retried (the same job would hit the same limit).
     max_job_steps: int = Field(20_000, ge=1)
     max_job_seconds: float = Field(3600.0, gt=0)
+    # Ours: the latency target of a post. The training loop of a job ends its epochs early
+    # where going on would take it past this many seconds (learner.step.TimeBudget): on the
+    # project's slower CPUs a small post's 150-step minimum alone took 87-109 s. 0: no bound
+    # (the budget alone decides, as in a benchmark).
+    train_seconds: float = Field(50.0, ge=0)
     # A failed attempt's job waits retry_base_s * 2**(attempt - 1), at most retry_max_s,
     # before any worker may claim it again, so a transient fault is not met 3 times at once.
     retry_base_s: float = Field(5.0, ge=0)
@@ -629,10 +640,17 @@ class Worker:
         labels = torch.tensor(job.indices, dtype=torch.int64)[train]
         images = torch.from_numpy(np.ascontiguousarray(job.samples))[train]
         data = StepData(images, labels)
+        seconds = self.config.train_seconds
+        time_budget = TimeBudget(seconds) if seconds > 0 else None
         if self.dist.active:
             memory = dict(parent.memory.images)
             call = _TrainCall(
-                parent.state.model, data, memory, step_config, parent.generator.get_state()
+                parent.state.model,
+                data,
+                memory,
+                step_config,
+                parent.generator.get_state(),
+                time_budget,
             )
             self.dist.broadcast_object(call)
         return train_step(
@@ -644,6 +662,7 @@ class Worker:
             generator=parent.generator,
             on_epoch=lambda e, n, loss: self._on_epoch(run, e, n, loss),
             dist=self.dist,
+            time_budget=time_budget,
         )
 
     def _payload(
@@ -724,9 +743,15 @@ class Worker:
         }
 
     def _on_epoch(self, run: _Run, epoch: int, epochs: int, loss: float) -> None:
-        # The resolved budget shows as the epoch count; the version's report keeps the rest
-        # (epochs, min_steps, batches_per_epoch, optimizer_steps).
-        note = f"epoch {epoch}/{epochs} (at least {run.min_steps} optimizer steps), loss {loss:.3f}"
+        # The resolved budget shows as the epoch count (fewer once the time bound cut it); the
+        # version's report keeps the rest (epochs, min_steps, batches_per_epoch,
+        # optimizer_steps, planned_steps).
+        bound = self.config.train_seconds
+        within = f", or what fits in {bound:g} s" if bound > 0 else ""
+        note = (
+            f"epoch {epoch}/{epochs} (at least {run.min_steps} optimizer steps{within}), "
+            f"loss {loss:.3f}"
+        )
         try:
             self.storage.jobs.set_progress(run.job_id, epoch / epochs, note)
         except StorageError as exc:  # progress is for show: an outage must not cost the step
@@ -934,6 +959,7 @@ class _TrainCall:
     memory: dict[int, torch.Tensor]  # an ExemplarMemory's images (its mapping view does not pickle)
     config: StepConfig
     rng_state: torch.Tensor  # the parent's random stream, which every rank continues
+    time_budget: TimeBudget | None = None  # rank 0's clock decides when it cuts the budget
 
     def run(self, device: torch.device, dist: Dist) -> StepResult:
         generator = torch.Generator()
@@ -946,6 +972,7 @@ class _TrainCall:
             device=device,
             generator=generator,
             dist=dist,
+            time_budget=self.time_budget,
         )
 
 
@@ -1027,6 +1054,7 @@ def _add_gate_arguments(p: argparse.ArgumentParser) -> None:
 _OPERATOR_FIELDS: dict[str, type] = {
     "max_job_steps": int,
     "max_job_seconds": float,
+    "train_seconds": float,
     "retry_base_s": float,
     "retry_max_s": float,
     "store_retry_base_s": float,

@@ -259,8 +259,10 @@ def worker_args(device: str) -> list[str]:
     every 0.1 s up to 2 s, so a drill does not wait long for a reconnect. The promotion gate
     is off: these steps are too small to pass it, and each drill expects its version served
     (the gate has its own tests). The fast path is off: the drills name the versions their
-    jobs make, one a job (its interims have their own tests, tests/test_fast_path.py)."""
-    return ["--gate", "off", "--fast-path", "off", "--base-model", "none", "--min-steps", "0",
+    jobs make, one a job (its interims have their own tests, tests/test_fast_path.py). The
+    time bound on training is off: a drill sizes its jobs in steps to last long enough to be
+    interrupted (`Sizing`), which the bound would cut short."""
+    return ["--gate", "off", "--fast-path", "off", "--train-seconds", "0", "--base-model", "none", "--min-steps", "0",
             "--backbone", "resnet8", "--epochs", "1", "--memory", "40", "--claim-timeout", "10", "--device", device,
             "--threads", "1", "--seed", "1993", "--retry-base-s", "1",
             "--store-retry-base-s", "0.1", "--store-retry-max-s", "2"]  # fmt: skip

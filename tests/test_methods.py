@@ -21,7 +21,7 @@ from learner.core.model import IncrementalNet
 from learner.core.overrides import JobOverrides
 from learner.exemplars import ExemplarMemory
 from learner.methods import Method, build_method, get_method
-from learner.step import StepData, resolve_budget, train_step
+from learner.step import Budget, StepData, TimeBudget, resolve_budget, train_step
 
 CPU = torch.device("cpu")
 
@@ -160,6 +160,87 @@ def test_step_report_records_the_resolved_budget(tiny_step):
     assert r.report.batches_per_epoch == batches
     assert r.report.optimizer_steps == r.report.epochs * batches >= 6
     assert len(r.report.loss_per_epoch) == r.report.epochs
+
+
+@pytest.mark.parametrize(
+    ("floor", "done", "elapsed", "want"),
+    [
+        (1, 1, 10.0, 5),  # 10 s an epoch: 4 more fit in the 40 s left
+        (1, 3, 30.0, 5),  # the same pace later: the same total
+        (1, 1, 4.0, 12),  # fast enough for the whole budget: nothing cut
+        (1, 1, 60.0, 1),  # the first epoch alone overran: it is kept, nothing more
+        (1, 6, 49.0, 6),  # too little left for another epoch
+        (4, 1, 60.0, 4),  # never below optim.epochs: only what min_steps added is cut
+        (4, 2, 20.0, 5),
+    ],
+)
+def test_a_time_bound_keeps_the_epochs_that_fit(floor, done, elapsed, want):
+    budget = Budget(epochs=12, batches=11)
+    assert TimeBudget(50.0).epochs_within(budget, floor, done, elapsed) == want
+
+
+class _Clock:
+    """A clock that advances ``tick`` seconds at each reading: the pace of training as the
+    test sets it, not as this machine runs."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def _bounded_step(tiny_step, time_budget):
+    config = StepConfig(
+        model=ModelConfig(backbone="resnet8"),
+        optim=OptimConfig(epochs=1, min_steps=20, batch_size=16),
+        memory=MemoryConfig(size=0),
+    )
+    g = torch.Generator().manual_seed(5)
+    model = IncrementalNet.create(config.model, g)
+    return train_step(
+        model,
+        tiny_step,
+        ExemplarMemory(),
+        config,
+        device=CPU,
+        generator=g,
+        time_budget=time_budget,
+    )
+
+
+def test_a_time_bound_cuts_the_epochs_and_the_report_says_so(tiny_step):
+    free = _bounded_step(tiny_step, None).report
+    assert free.epochs >= 3 and free.planned_steps == free.optimizer_steps
+    # Every epoch takes 10 s by this clock: 25 s hold two epochs.
+    cut = _bounded_step(tiny_step, TimeBudget(25.0, clock=_Clock(10.0))).report
+    assert cut.epochs == 2 and len(cut.loss_per_epoch) == 2
+    assert cut.optimizer_steps == 2 * cut.batches_per_epoch
+    assert cut.planned_steps == free.optimizer_steps and cut.time_budget_seconds == 25.0
+
+
+def test_a_time_bound_never_cuts_below_the_configured_epochs(tiny_step):
+    config = StepConfig(
+        model=ModelConfig(backbone="resnet8"),
+        optim=OptimConfig(epochs=3, min_steps=0, batch_size=16),
+        memory=MemoryConfig(size=0),
+    )
+    g = torch.Generator().manual_seed(5)
+    model = IncrementalNet.create(config.model, g)
+    slow = TimeBudget(1.0, clock=_Clock(10.0))  # every epoch ten times over the bound
+    r = train_step(
+        model, tiny_step, ExemplarMemory(), config, device=CPU, generator=g, time_budget=slow
+    )
+    assert r.report.epochs == 3 and r.report.optimizer_steps == r.report.planned_steps
+
+
+def test_a_time_bound_that_is_not_reached_changes_nothing(tiny_step):
+    free = _bounded_step(tiny_step, None)
+    roomy = _bounded_step(tiny_step, TimeBudget(1e6, clock=_Clock(1.0)))
+    assert roomy.report.optimizer_steps == free.report.optimizer_steps
+    a, b = free.model.state_dict(), roomy.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")

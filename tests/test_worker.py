@@ -304,3 +304,8 @@ def test_operator_limits_come_from_flags_or_the_environment(monkeypatch) -> None
     monkeypatch.setenv("BSCE_RETRY_BASE_S", "0.5")
     config = _worker_config()
     assert (config.max_job_seconds, config.retry_base_s) == (90.0, 0.5)
+    # The latency bound on a job's training loop: 50 s unless set, 0 turns it off.
+    assert defaults.train_seconds == 50.0
+    assert _worker_config("--train-seconds", "0").train_seconds == 0.0
+    monkeypatch.setenv("BSCE_TRAIN_SECONDS", "20")
+    assert _worker_config().train_seconds == 20.0
