@@ -146,6 +146,13 @@ def print_row(row: dict[str, Any]) -> None:
         f"served {row['seconds_to_served']:.1f} s after the POST",
         flush=True,
     )
+    report = row.get("report") or {}
+    if "optimizer_steps" in report:
+        print(
+            f"  trained {report['optimizer_steps']} optimizer steps of "
+            f"{report.get('planned_steps', report['optimizer_steps'])} planned in "
+            f"{report['train_seconds']:.1f} s (time bound: {report.get('time_budget_seconds')})"
+        )
     for name, acc in row["accuracy"].items():
         mark = "  (new)" if name in row["post"] else ""
         print(f"  {name:<12} {acc:5.1f}%{mark}")

@@ -163,20 +163,22 @@ def test_step_report_records_the_resolved_budget(tiny_step):
 
 
 @pytest.mark.parametrize(
-    ("floor", "done", "elapsed", "want"),
+    ("floor", "epoch_seconds", "want"),
     [
-        (1, 1, 10.0, 5),  # 10 s an epoch: 4 more fit in the 40 s left
-        (1, 3, 30.0, 5),  # the same pace later: the same total
-        (1, 1, 4.0, 12),  # fast enough for the whole budget: nothing cut
-        (1, 1, 60.0, 1),  # the first epoch alone overran: it is kept, nothing more
-        (1, 6, 49.0, 6),  # too little left for another epoch
-        (4, 1, 60.0, 4),  # never below optim.epochs: only what min_steps added is cut
-        (4, 2, 20.0, 5),
+        (1, [10.0], 5),  # 10 s an epoch: 4 more fit in the 40 s left
+        (1, [10.0, 10.0, 10.0], 5),  # the same pace later: the same total
+        (1, [4.0], 12),  # fast enough for the whole budget: nothing cut
+        (1, [60.0], 1),  # the first epoch alone overran: it is kept, nothing more
+        (1, [8.0] * 6, 6),  # 2 s left: too little for another epoch
+        (4, [60.0], 4),  # never below optim.epochs: only what min_steps added is cut
+        (1, [14.0, 4.0], 10),  # the first epoch's one-time costs do not set the pace
+        (1, [4.0, 9.0, 9.0], 6),  # a slow spell after the first epoch sets the pace
+        (1, [4.0, 9.0, 9.0, 2.0, 2.0, 2.0, 2.0, 2.0], 12),  # and is forgiven when it passes
     ],
 )
-def test_a_time_bound_keeps_the_epochs_that_fit(floor, done, elapsed, want):
-    budget = Budget(epochs=12, batches=11)
-    assert TimeBudget(50.0).epochs_within(budget, floor, done, elapsed) == want
+def test_a_time_bound_keeps_the_epochs_that_fit(floor, epoch_seconds, want):
+    planned = Budget(epochs=12, batches=11)
+    assert TimeBudget(50.0).epochs_within(planned, floor, epoch_seconds) == want
 
 
 class _Clock:
