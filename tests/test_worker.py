@@ -223,7 +223,10 @@ def test_killed_worker_job_is_claimed_again_and_its_version_appears_once(env, su
         _wait(lambda: (storage.jobs.status(job).progress or 0) > 0, 120, "the first epoch")
         # Which epoch it shows depends on the machine's speed; its budget does not.
         note = storage.jobs.status(job).progress_note or ""
-        assert re.match(r"epoch \d+/200 \(at least 0 optimizer steps\)", note), note
+        # (The time bound never cuts below --epochs, so 200 it stays.)
+        assert re.match(
+            r"epoch \d+/200 \(at least 0 optimizer steps, or what fits in 50 s\)", note
+        ), note
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
