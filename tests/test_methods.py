@@ -146,15 +146,26 @@ def test_step_budget_resolves_to_whole_epochs(
     assert b.steps >= min_steps
 
 
-def test_step_report_records_the_resolved_budget(tiny_step):
+def _tiny_train(tiny_step, optim: OptimConfig, seed: int = 5, time_budget=None):
+    """A memory-free ResNet-8 step on the tiny data (classes 0 and 1)."""
     config = StepConfig(
-        model=ModelConfig(backbone="resnet8"),
-        optim=OptimConfig(epochs=1, min_steps=6, batch_size=16),
-        memory=MemoryConfig(size=0),
+        model=ModelConfig(backbone="resnet8"), optim=optim, memory=MemoryConfig(size=0)
     )
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     model = IncrementalNet.create(config.model, g)
-    r = train_step(model, tiny_step, ExemplarMemory(), config, device=CPU, generator=g)
+    return train_step(
+        model,
+        tiny_step,
+        ExemplarMemory(),
+        config,
+        device=CPU,
+        generator=g,
+        time_budget=time_budget,
+    )
+
+
+def test_step_report_records_the_resolved_budget(tiny_step):
+    r = _tiny_train(tiny_step, OptimConfig(epochs=1, min_steps=6, batch_size=16), seed=0)
     n = tiny_step.labels.shape[0]
     batches = -(-n // 16)
     assert r.report.batches_per_epoch == batches
@@ -194,21 +205,8 @@ class _Clock:
 
 
 def _bounded_step(tiny_step, time_budget):
-    config = StepConfig(
-        model=ModelConfig(backbone="resnet8"),
-        optim=OptimConfig(epochs=1, min_steps=20, batch_size=16),
-        memory=MemoryConfig(size=0),
-    )
-    g = torch.Generator().manual_seed(5)
-    model = IncrementalNet.create(config.model, g)
-    return train_step(
-        model,
-        tiny_step,
-        ExemplarMemory(),
-        config,
-        device=CPU,
-        generator=g,
-        time_budget=time_budget,
+    return _tiny_train(
+        tiny_step, OptimConfig(epochs=1, min_steps=20, batch_size=16), 5, time_budget
     )
 
 
@@ -223,17 +221,8 @@ def test_a_time_bound_cuts_the_epochs_and_the_report_says_so(tiny_step):
 
 
 def test_a_time_bound_never_cuts_below_the_configured_epochs(tiny_step):
-    config = StepConfig(
-        model=ModelConfig(backbone="resnet8"),
-        optim=OptimConfig(epochs=3, min_steps=0, batch_size=16),
-        memory=MemoryConfig(size=0),
-    )
-    g = torch.Generator().manual_seed(5)
-    model = IncrementalNet.create(config.model, g)
     slow = TimeBudget(1.0, clock=_Clock(10.0))  # every epoch ten times over the bound
-    r = train_step(
-        model, tiny_step, ExemplarMemory(), config, device=CPU, generator=g, time_budget=slow
-    )
+    r = _tiny_train(tiny_step, OptimConfig(epochs=3, min_steps=0, batch_size=16), 5, slow)
     assert r.report.epochs == 3 and r.report.optimizer_steps == r.report.planned_steps
 
 
