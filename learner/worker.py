@@ -82,7 +82,7 @@ from learner.core.config import ModelConfig, StepConfig
 from learner.core.gate import GateConfig, GateReport
 from learner.core.machine import describe_machine, resolve_device
 from learner.core.model import IncrementalNet
-from learner.core.overrides import apply_overrides
+from learner.core.overrides import apply_overrides, train_seconds_for
 from learner.core.versioning import (
     RNG_KEY,
     LoadedVersion,
@@ -150,7 +150,7 @@ class WorkerConfig(BaseModel):
     # Ours: the latency target of a post. The training loop of a job ends its epochs early
     # where going on would take it past this many seconds (learner.step.TimeBudget): on the
     # project's slower CPUs a small post's 150-step minimum alone took 87-109 s. 0: no bound
-    # (the budget alone decides, as in a benchmark).
+    # (the budget alone decides, as in a benchmark). A job may set its own (JobOverrides).
     train_seconds: float = Field(50.0, ge=0)
     # A failed attempt's job waits retry_base_s * 2**(attempt - 1), at most retry_max_s,
     # before any worker may claim it again, so a transient fault is not met 3 times at once.
@@ -370,7 +370,8 @@ class Worker:
         if interim is None and self._wants_interim(parent):
             self._fast_path(job, parent, step_config, names, held, first, timings)
         version = versions.next_version()
-        run = _Run(job.id, heartbeat, deadline, step_config.optim.min_steps)
+        bound = train_seconds_for(self.config.train_seconds, job.overrides)
+        run = _Run(job.id, heartbeat, deadline, step_config.optim.min_steps, bound)
         result = self._train(job, parent, step_config, run, held.train)
         with timings.measure("gate"):
             report = self._judge(result.model, parent, step_config, names, held)
@@ -640,8 +641,7 @@ class Worker:
         labels = torch.tensor(job.indices, dtype=torch.int64)[train]
         images = torch.from_numpy(np.ascontiguousarray(job.samples))[train]
         data = StepData(images, labels)
-        seconds = self.config.train_seconds
-        time_budget = TimeBudget(seconds) if seconds > 0 else None
+        time_budget = TimeBudget(run.train_seconds) if run.train_seconds > 0 else None
         if self.dist.active:
             memory = dict(parent.memory.images)
             call = _TrainCall(
@@ -746,7 +746,7 @@ class Worker:
         # The resolved budget shows as the epoch count (fewer once the time bound cut it); the
         # version's report keeps the rest (epochs, min_steps, batches_per_epoch,
         # optimizer_steps, planned_steps).
-        bound = self.config.train_seconds
+        bound = run.train_seconds
         within = f", or what fits in {bound:g} s" if bound > 0 else ""
         note = (
             f"epoch {epoch}/{epochs} (at least {run.min_steps} optimizer steps{within}), "
@@ -779,6 +779,7 @@ class _Run:
     heartbeat: _Heartbeat
     deadline: float  # time.monotonic() past which the job is stopped
     min_steps: int
+    train_seconds: float  # the time bound on its training loop (0: none)
 
 
 class _Backoff:

@@ -19,7 +19,7 @@ import torch
 import learner.worker as worker_module
 from learner.core.config import MemoryConfig, ModelConfig, OptimConfig, StepConfig
 from learner.core.gate import GateConfig
-from learner.core.overrides import JobOverrides, apply_overrides
+from learner.core.overrides import JobOverrides, apply_overrides, train_seconds_for
 from learner.core.versioning import load_version
 from learner.data import load_dataset
 from learner.worker import Worker, WorkerConfig
@@ -164,9 +164,32 @@ def test_overrides_are_validated():
     base = _config().step
     assert apply_overrides(base, {"epochs": 3, "method": "ce"}).optim.epochs == 3
     assert apply_overrides(base, {"distill": False}).distill.enabled is False
-    for bad in ({"epochs": 0}, {"method": "sgd"}, {"unknown": 1}, {"lr": -1}):
+    assert train_seconds_for(50.0, None) == 50.0
+    assert train_seconds_for(50.0, {"train_seconds": 0}) == 0.0
+    for bad in (
+        {"epochs": 0},
+        {"method": "sgd"},
+        {"unknown": 1},
+        {"lr": -1},
+        {"train_seconds": -1},
+    ):
         with pytest.raises(ValueError):
             JobOverrides.model_validate(bad)
+
+
+@pytest.mark.integration
+def test_a_jobs_time_bound_trims_what_the_step_minimum_added(env, subset):
+    """A bound no machine can meet (a microsecond) keeps the configured epochs only; the
+    version's report says what was planned. No figure here depends on this machine's speed."""
+    storage = _storage(env)
+    worker = Worker(storage, _config(), CPU, consumer="w1")
+    worker.ensure_initial_version()
+    job = storage.jobs.submit(*_samples(subset, [0, 1]), {"min_steps": 12, "train_seconds": 1e-6})
+    assert worker.run(once=True) == 1
+    report = storage.versions.metadata(storage.jobs.status(job).version)["report"]
+    # 80 images, batch 32: 3 batches an epoch; 12 steps planned (4 epochs), 1 epoch trained.
+    assert (report["planned_steps"], report["optimizer_steps"], report["epochs"]) == (12, 3, 1)
+    assert report["time_budget_seconds"] == 1e-6
 
 
 def _start_worker(env: dict[str, str], consumer: str, epochs: int) -> subprocess.Popen:

@@ -23,6 +23,15 @@ class JobOverrides(BaseModel):
     lr: float | None = Field(None, gt=0, le=10)
     batch_size: int | None = Field(None, ge=1, le=4096)
     distill: bool | None = None
+    # The worker's time bound on this job's training loop, in seconds (0: none), for a user
+    # who would rather wait for the whole budget (learner.step.TimeBudget).
+    train_seconds: float | None = Field(None, ge=0, le=86_400)
+
+
+def train_seconds_for(default: float, overrides: Mapping[str, Any] | None) -> float:
+    """The job's time bound on training: its override, else the worker's ``default``."""
+    o = JobOverrides.model_validate(dict(overrides or {}))
+    return default if o.train_seconds is None else o.train_seconds
 
 
 def apply_overrides(config: StepConfig, overrides: Mapping[str, Any] | None) -> StepConfig:
