@@ -330,7 +330,7 @@ def _train(
     # Mixed precision: the forward passes under autocast, the loss in fp32 (None: all fp32).
     amp = resolve_precision(o.precision, device)
     losses: list[float] = []
-    planned, floor = budget, min(o.epochs, budget.epochs)
+    planned = budget
     epoch_seconds: list[float] = []
     epoch = 0
     while epoch < budget.epochs:
@@ -365,7 +365,7 @@ def _train(
         epoch += 1
         if time_budget is not None:
             epoch_seconds.append(time_budget.clock() - started)
-            fit = time_budget.epochs_within(planned, floor, epoch_seconds)
+            fit = time_budget.epochs_within(planned, o.epochs, epoch_seconds)
             # Rank 0's clock decides for every rank, so that all train the same epochs.
             budget = Budget(epochs=dist.broadcast_object(fit), batches=batches)
         dist.report(on_epoch, epoch, budget.epochs, losses[-1])
