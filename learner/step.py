@@ -42,20 +42,26 @@ class TimeBudget:
     It trades only what ``optim.min_steps`` added: after each epoch the loop projects the
     epochs left at its pace so far and keeps those that end within the bound, never fewer than
     ``optim.epochs`` (so a large post, or a protocol replayed through the server, trains its
-    epochs whatever the bound) nor more than the budget asked for; the learning-rate schedule
-    spans the budget as it stands. Why: the project's CPUs differ about 2.5x in training speed
-    (README, "Learning latency"), and on the slower ones the 150-step minimum of a small post
-    alone took 87-109 s; the bound keeps a post served within a minute there, at the price of
-    fewer optimizer steps, which the step's report records beside the steps it asked for.
-    ``clock`` is injectable so that a test can fix the pace.
+    epochs whatever the bound) nor than ``min_share`` of the budget asked for, nor more than
+    that budget; the learning-rate schedule spans the budget as it stands. Why: the project's
+    CPUs differ about 2.5x in training speed (README, "Learning latency"), and on the slower
+    ones the 150-step minimum of a small post alone took 87-109 s; the bound keeps a post
+    served within a minute there, at the price of fewer optimizer steps, which the step's
+    report records beside the steps it asked for. Why the share: on a machine whose cores
+    were busy the bound cut a one-class post to its 4 epochs (48 of 156 steps) and the class
+    was not learned (the gate rejected it, 10% on its held-out images); with 66-72 steps
+    (about 45%) every class of the first-hour posts was. ``clock`` is injectable so that a
+    test can fix the pace.
     """
 
     seconds: float
+    min_share: float
     clock: Callable[[], float] = time.perf_counter
 
     def epochs_within(self, planned: Budget, floor: int, epoch_seconds: Sequence[float]) -> int:
-        """The epochs to train in all (at least ``floor`` and those done, at most
-        ``planned.epochs``), after epochs that took ``epoch_seconds`` each.
+        """The epochs to train in all (at least ``floor``, ``min_share`` of the planned epochs
+        and those done, at most ``planned.epochs``), after epochs that took ``epoch_seconds``
+        each.
 
         The pace is that of the epochs after the first: the first pays one-time costs (memory,
         the kernels' first runs; 4.3 s against 3.1 s in a first-hour post) that would cut the
@@ -66,7 +72,8 @@ class TimeBudget:
         paced = epoch_seconds[1:] or epoch_seconds
         pace = sum(paced) / len(paced)
         fit = done + max(0, math.floor((self.seconds - elapsed) / pace))
-        return max(done, floor, min(planned.epochs, fit))
+        kept = min(planned.epochs, max(floor, math.ceil(self.min_share * planned.epochs)))
+        return max(done, kept, min(planned.epochs, fit))
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,7 @@ def run_posts(client: Client, args: argparse.Namespace, subset: Dataset, test: A
             "seconds_to_served": served_at - t0,
             "job": {k: status.get(k) for k in ("version", "created", "started", "finished")},
             "report": detail.get("report"),
+            "rejected_when_cut": detail.get("rejected_when_cut"),
             "job_state": status["state"],
             "gate": detail.get("gate"),
             "config": detail.get("config"),
@@ -152,6 +153,13 @@ def print_row(row: dict[str, Any]) -> None:
             f"  trained {report['optimizer_steps']} optimizer steps of "
             f"{report.get('planned_steps', report['optimizer_steps'])} planned in "
             f"{report['train_seconds']:.1f} s (time bound: {report.get('time_budget_seconds')})"
+        )
+    cut = row.get("rejected_when_cut")
+    if cut:
+        print(
+            f"  trained again without the bound: the gate rejected a first try cut to "
+            f"{cut['optimizer_steps']} of {cut['planned_steps']} steps ({cut['train_seconds']:.1f} "
+            f"s; {'; '.join(cut['gate_reasons'])})"
         )
     for name, acc in row["accuracy"].items():
         mark = "  (new)" if name in row["post"] else ""

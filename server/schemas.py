@@ -256,6 +256,12 @@ class VersionDetail(BaseModel):
         "accuracy per class for this version and its parent, old/new means, the verdict "
         "and its reasons; null when saved without the gate",
     )
+    rejected_when_cut: dict[str, Any] | None = Field(
+        None,
+        description="The first try of a job whose training the worker's time bound cut short "
+        "and the gate rejected (optimizer_steps, planned_steps, train_seconds, gate_reasons): "
+        "this version is the second try, trained without the bound; null otherwise",
+    )
 
 
 class WorkerVersion(BaseModel):

@@ -9,7 +9,8 @@ import torch
 from learner.core.config import MemoryConfig
 from learner.core.gate import GateConfig
 from learner.worker import Worker
-from storage import RejectedVersionError
+from storage import RejectedVersionError, Storage, connect
+from tests.test_storage_support import drop_prefix
 from tests.test_worker import CPU, _config, _samples, _storage, env, subset  # noqa: F401, F811
 
 GATED = GateConfig()
@@ -144,3 +145,80 @@ def test_a_validation_set_of_a_class_the_job_does_not_train_is_refused(env, subs
     with pytest.raises(JobValidationError, match="training samples besides"):
         storage.jobs.submit(x, names, validation=len(names))
     assert storage.jobs.list() == before and storage.labels.names() == []
+
+
+class _RejectsNext(Worker):
+    """Rejects the next version it judges once ``reject_next`` is set: the gate's thresholds
+    have their own tests; here what counts is what the worker does after a rejection."""
+
+    reject_next = False
+
+    def _judge(self, *args, **kwargs):
+        report = super()._judge(*args, **kwargs)
+        if not self.reject_next:
+            return report
+        self.reject_next = False
+        return report.model_copy(update={"verdict": "rejected", "reasons": ["by the test"]})
+
+
+@pytest.mark.integration
+def test_a_cut_version_the_gate_rejects_is_trained_again_without_the_bound(
+    env,  # noqa: F811
+    subset,  # noqa: F811
+    tmp_path,
+):
+    config = _config(epochs=1).model_copy(update={"gate": GATED, "train_min_share": 0.0})
+    storage = _storage(env)
+    worker = _RejectsNext(storage, config, CPU, consumer="w")
+    worker.ensure_initial_version()
+    storage.jobs.submit(*_samples(subset, [0, 1], 100))
+    assert worker.run(once=True) == 1
+    worker.reject_next = True  # the cut try of the next job
+    second = storage.jobs.submit(
+        *_samples(subset, [2, 3], 100), overrides={"min_steps": 28, "train_seconds": 1e-6}
+    )
+    assert worker.run(once=True) == 1
+    meta = storage.versions.metadata(2)
+    cut, report = meta["rejected_when_cut"], meta["report"]
+    # A microsecond keeps the recipe's one epoch; the second try trains the whole budget.
+    assert (cut["optimizer_steps"], cut["planned_steps"]) == (7, 28)
+    assert cut["gate_reasons"] == ["by the test"]
+    assert report["optimizer_steps"] == report["planned_steps"] == 28
+    assert report["time_budget_seconds"] is None
+    # Its verdict is the real gate's on the second try.
+    assert storage.jobs.status(second).gate["reasons"] != ["by the test"]
+    # Bit for bit what a worker without the bound makes of the same jobs: the second try
+    # starts from the parent's random stream as the first did.
+    free_prefix = env["BSCE_PREFIX"] + "-free"
+    free = Storage(
+        connect(env["REDIS_URL"]), free_prefix, bentoml_home=str(tmp_path / "free-bentoml")
+    )
+    try:
+        plain = Worker(free, config.model_copy(update={"train_seconds": 0.0}), CPU, consumer="w")
+        plain.ensure_initial_version()
+        free.jobs.submit(*_samples(subset, [0, 1], 100))
+        assert plain.run(once=True) == 1
+        free.jobs.submit(*_samples(subset, [2, 3], 100), overrides={"min_steps": 28})
+        assert plain.run(once=True) == 1
+        a, b = storage.versions.load(2)[0], free.versions.load(2)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert "rejected_when_cut" not in free.versions.metadata(2)
+    finally:
+        drop_prefix(free.r, free_prefix)
+
+
+@pytest.mark.integration
+def test_a_rejected_version_the_bound_did_not_cut_is_not_trained_again(env, subset):  # noqa: F811
+    config = _config(epochs=1).model_copy(update={"gate": GATED})
+    storage = _storage(env)
+    worker = _RejectsNext(storage, config, CPU, consumer="w")
+    worker.ensure_initial_version()
+    storage.jobs.submit(*_samples(subset, [0, 1], 100))
+    assert worker.run(once=True) == 1
+    worker.reject_next = True
+    second = storage.jobs.submit(*_samples(subset, [2, 3], 100), overrides={"min_steps": 28})
+    assert worker.run(once=True) == 1
+    status = storage.jobs.status(second)
+    assert status.state == "rejected" and status.gate["reasons"] == ["by the test"]
+    meta = storage.versions.metadata(2)
+    assert "rejected_when_cut" not in meta and meta["report"]["optimizer_steps"] == 28

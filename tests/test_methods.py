@@ -189,7 +189,23 @@ def test_step_report_records_the_resolved_budget(tiny_step):
 )
 def test_a_time_bound_keeps_the_epochs_that_fit(floor, epoch_seconds, want):
     planned = Budget(epochs=12, batches=11)
-    assert TimeBudget(50.0).epochs_within(planned, floor, epoch_seconds) == want
+    assert TimeBudget(50.0, min_share=0.0).epochs_within(planned, floor, epoch_seconds) == want
+
+
+@pytest.mark.parametrize(
+    ("share", "floor", "epoch_seconds", "want"),
+    [
+        (0.5, 1, [60.0], 6),  # the first epoch alone overran: half the planned epochs still
+        (0.5, 1, [10.0], 6),  # 5 would fit: the share keeps 6
+        (0.5, 1, [4.0], 12),  # all fit: the share changes nothing
+        (0.5, 8, [60.0], 8),  # optim.epochs above the share: optim.epochs
+        (0.3, 1, [60.0], 4),  # 3.6 epochs: rounded up
+        (1.0, 1, [60.0], 12),  # a share of 1: the bound never cuts
+    ],
+)
+def test_a_time_bound_keeps_a_share_of_the_planned_epochs(share, floor, epoch_seconds, want):
+    planned = Budget(epochs=12, batches=11)
+    assert TimeBudget(50.0, share).epochs_within(planned, floor, epoch_seconds) == want
 
 
 class _Clock:
@@ -214,21 +230,21 @@ def test_a_time_bound_cuts_the_epochs_and_the_report_says_so(tiny_step):
     free = _bounded_step(tiny_step, None).report
     assert free.epochs >= 3 and free.planned_steps == free.optimizer_steps
     # Every epoch takes 10 s by this clock: 25 s hold two epochs.
-    cut = _bounded_step(tiny_step, TimeBudget(25.0, clock=_Clock(10.0))).report
+    cut = _bounded_step(tiny_step, TimeBudget(25.0, 0.0, clock=_Clock(10.0))).report
     assert cut.epochs == 2 and len(cut.loss_per_epoch) == 2
     assert cut.optimizer_steps == 2 * cut.batches_per_epoch
     assert cut.planned_steps == free.optimizer_steps and cut.time_budget_seconds == 25.0
 
 
 def test_a_time_bound_never_cuts_below_the_configured_epochs(tiny_step):
-    slow = TimeBudget(1.0, clock=_Clock(10.0))  # every epoch ten times over the bound
+    slow = TimeBudget(1.0, 0.0, clock=_Clock(10.0))  # every epoch ten times over the bound
     r = _tiny_train(tiny_step, OptimConfig(epochs=3, min_steps=0, batch_size=16), 5, slow)
     assert r.report.epochs == 3 and r.report.optimizer_steps == r.report.planned_steps
 
 
 def test_a_time_bound_that_is_not_reached_changes_nothing(tiny_step):
     free = _bounded_step(tiny_step, None)
-    roomy = _bounded_step(tiny_step, TimeBudget(1e6, clock=_Clock(1.0)))
+    roomy = _bounded_step(tiny_step, TimeBudget(1e6, 0.5, clock=_Clock(1.0)))
     assert roomy.report.optimizer_steps == free.report.optimizer_steps
     a, b = free.model.state_dict(), roomy.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

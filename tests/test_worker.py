@@ -178,18 +178,21 @@ def test_overrides_are_validated():
 
 
 @pytest.mark.integration
-def test_a_jobs_time_bound_trims_what_the_step_minimum_added(env, subset):
-    """A bound no machine can meet (a microsecond) keeps the configured epochs only; the
-    version's report says what was planned. No figure here depends on this machine's speed."""
+@pytest.mark.parametrize(("share", "epochs"), [(0.0, 1), (0.5, 2)])
+def test_a_jobs_time_bound_trims_what_the_step_minimum_added(env, subset, share, epochs):
+    """A bound no machine can meet (a microsecond) keeps the configured epochs, or the
+    operator's share of the planned ones; the version's report says what was planned. No
+    figure here depends on this machine's speed."""
     storage = _storage(env)
-    worker = Worker(storage, _config(), CPU, consumer="w1")
+    config = _config().model_copy(update={"train_min_share": share})
+    worker = Worker(storage, config, CPU, consumer="w1")
     worker.ensure_initial_version()
     job = storage.jobs.submit(*_samples(subset, [0, 1]), {"min_steps": 12, "train_seconds": 1e-6})
     assert worker.run(once=True) == 1
     report = storage.versions.metadata(storage.jobs.status(job).version)["report"]
-    # 80 images, batch 32: 3 batches an epoch; 12 steps planned (4 epochs), 1 epoch trained.
-    assert (report["planned_steps"], report["optimizer_steps"], report["epochs"]) == (12, 3, 1)
-    assert report["time_budget_seconds"] == 1e-6
+    # 80 images, batch 32: 3 batches an epoch; 12 steps planned (4 epochs).
+    assert (report["planned_steps"], report["epochs"]) == (12, epochs)
+    assert report["optimizer_steps"] == 3 * epochs and report["time_budget_seconds"] == 1e-6
 
 
 def _start_worker(env: dict[str, str], consumer: str, epochs: int) -> subprocess.Popen:
@@ -248,7 +251,9 @@ def test_killed_worker_job_is_claimed_again_and_its_version_appears_once(env, su
         note = storage.jobs.status(job).progress_note or ""
         # (The time bound never cuts below --epochs, so 200 it stays.)
         assert re.match(
-            r"epoch \d+/200 \(at least 0 optimizer steps, or what fits in 50 s\)", note
+            r"epoch \d+/200 \(at least 0 optimizer steps, or what fits in 50 s, "
+            r"not under 50% of them\)",
+            note,
         ), note
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
@@ -335,3 +340,5 @@ def test_operator_limits_come_from_flags_or_the_environment(monkeypatch) -> None
     assert _worker_config("--train-seconds", "0").train_seconds == 0.0
     monkeypatch.setenv("BSCE_TRAIN_SECONDS", "20")
     assert _worker_config().train_seconds == 20.0
+    assert defaults.train_min_share == 0.5
+    assert _worker_config("--train-min-share", "0.25").train_min_share == 0.25
