@@ -653,8 +653,11 @@ class Worker:
         log.info(
             "job %s: the gate rejected the version cut to %d of %d steps by the time bound "
             "(%s); training it again without the bound",
-            job.id, trained.optimizer_steps, trained.planned_steps, "; ".join(report.reasons),
-        )  # fmt: skip
+            job.id,
+            trained.optimizer_steps,
+            trained.planned_steps,
+            "; ".join(report.reasons),
+        )
         parent.generator.set_state(rng)
         result = self._train(
             job, parent, step_config, replace(run, train_seconds=0.0, again=True), held.train
