@@ -374,14 +374,13 @@ class Worker:
             parent = self._load_parent(first, built_on)
         held = self._held_out(job, parent)
         self._check_budget(job, parent, step_config)
+        claimed = _Claimed(job, parent, step_config, names, held, timings)
         if interim is None and self._wants_interim(parent):
-            self._fast_path(job, parent, step_config, names, held, first, timings)
+            self._fast_path(claimed, first)
         version = versions.next_version()
         bound = train_seconds_for(self.config.train_seconds, job.overrides)
         run = _Run(job.id, heartbeat, deadline, step_config.optim.min_steps, bound)
-        result, report, cut = self._train_judged(
-            job, parent, step_config, names, held, run, timings
-        )
+        result, report, cut = self._train_judged(claimed, run)
         chunks = held.chunks_after(version)
         tensors, metadata = self._payload(result, parent, step_config, names, report, chunks, cut)
         with timings.measure("commit"):
@@ -400,18 +399,11 @@ class Worker:
         model = parent.state.model
         return self.config.fast_path and model.num_classes > 0 and len(parent.memory) > 0
 
-    def _fast_path(
-        self,
-        job: Job,
-        parent: _Parent,
-        step_config: StepConfig,
-        names: list[str],
-        held: _HeldOut,
-        version: int,
-        timings: _Timings,
-    ) -> None:
+    def _fast_path(self, claimed: _Claimed, version: int) -> None:
         """Fit, judge and commit the interim version `version` (served when the gate passes
         it). A failure of the fit costs the interim only: the full step goes on."""
+        job, parent, step_config, names = claimed.job, claimed.parent, claimed.config, claimed.names
+        held, timings = claimed.held, claimed.timings
         try:
             with timings.measure("interim fit"):
                 fit = self._fit_interim(job, parent, step_config, held.train)
@@ -618,14 +610,7 @@ class Worker:
         )
 
     def _train_judged(
-        self,
-        job: Job,
-        parent: _Parent,
-        step_config: StepConfig,
-        names: list[str],
-        held: _HeldOut,
-        run: _Run,
-        timings: _Timings,
+        self, claimed: _Claimed, run: _Run
     ) -> tuple[StepResult, GateReport | None, dict[str, Any] | None]:
         """Train and judge the full version; the third item is the try the time bound cut
         short, where there was one. Such a version that the gate rejects is trained again
@@ -633,6 +618,8 @@ class Worker:
         would have trained it): the bound buys latency and must not cost a post its class. On
         a busy machine a one-class post cut to 48 of 156 steps was rejected (truck 10% on its
         held-out images) and its class was never predicted."""
+        job, parent, step_config, names = claimed.job, claimed.parent, claimed.config, claimed.names
+        held, timings = claimed.held, claimed.timings
         rng = parent.generator.get_state()
         result = self._train(job, parent, step_config, run, held.train)
         with timings.measure("gate"):
@@ -834,6 +821,20 @@ class Worker:
             raise _TakenOver(job_id)
         if self.abandon.is_set():
             raise _Abandoned(job_id)
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    """What the stages of a claimed job share: the job, the parent it builds on, its recipe
+    (the worker's with the job's overrides), the label names, its held-out split and the
+    timings of its log line."""
+
+    job: Job
+    parent: _Parent
+    config: StepConfig
+    names: list[str]
+    held: _HeldOut
+    timings: _Timings
 
 
 @dataclass(frozen=True)
