@@ -684,9 +684,11 @@ class Worker:
         labels = torch.tensor(job.indices, dtype=torch.int64)[train]
         images = torch.from_numpy(np.ascontiguousarray(job.samples))[train]
         data = StepData(images, labels)
-        bounded = run.train_seconds > 0
-        share = self.config.train_min_share
-        time_budget = TimeBudget(run.train_seconds, share) if bounded else None
+        time_budget = (
+            TimeBudget(run.train_seconds, self.config.train_min_share)
+            if run.train_seconds > 0
+            else None
+        )
         if self.dist.active:
             memory = dict(parent.memory.images)
             call = _TrainCall(
@@ -945,7 +947,8 @@ class _Timings:
         try:
             yield
         finally:
-            self.seconds[what] = time.perf_counter() - t
+            # Summed: a job judged twice (the time bound's retry) logs both judgements.
+            self.seconds[what] = self.seconds.get(what, 0.0) + time.perf_counter() - t
 
     def log(self, committed: Committed, train_s: float) -> None:
         total_s = time.perf_counter() - self.start

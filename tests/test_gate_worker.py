@@ -147,18 +147,24 @@ def test_a_validation_set_of_a_class_the_job_does_not_train_is_refused(env, subs
     assert storage.jobs.list() == before and storage.labels.names() == []
 
 
-class _RejectsNext(Worker):
-    """Rejects the next version it judges once ``reject_next`` is set: the gate's thresholds
-    have their own tests; here what counts is what the worker does after a rejection."""
+class _RejectsOnce(Worker):
+    """Rejects the first version it judges that builds on version 1 (the second job of
+    `_two_steps`): the gate's thresholds have their own tests; here what counts is what the
+    worker does after a rejection."""
 
-    reject_next = False
+    rejected = False
 
-    def _judge(self, *args, **kwargs):
-        report = super()._judge(*args, **kwargs)
-        if not self.reject_next:
+    def _judge(self, model, parent, *args, **kwargs):
+        report = super()._judge(model, parent, *args, **kwargs)
+        if self.rejected or parent.version != 1:
             return report
-        self.reject_next = False
+        self.rejected = True
         return report.model_copy(update={"verdict": "rejected", "reasons": ["by the test"]})
+
+
+# The second job: 180 posted images (90 trained a class) and 40 exemplars, batch 32, give 7
+# batches an epoch; it asks for 28 steps (4 epochs) where the recipe has 1.
+_SECOND = {"min_steps": 28}
 
 
 @pytest.mark.integration
@@ -169,15 +175,8 @@ def test_a_cut_version_the_gate_rejects_is_trained_again_without_the_bound(
 ):
     config = _config(epochs=1).model_copy(update={"gate": GATED, "train_min_share": 0.0})
     storage = _storage(env)
-    worker = _RejectsNext(storage, config, CPU, consumer="w")
-    worker.ensure_initial_version()
-    storage.jobs.submit(*_samples(subset, [0, 1], 100))
-    assert worker.run(once=True) == 1
-    worker.reject_next = True  # the cut try of the next job
-    second = storage.jobs.submit(
-        *_samples(subset, [2, 3], 100), overrides={"min_steps": 28, "train_seconds": 1e-6}
-    )
-    assert worker.run(once=True) == 1
+    worker = _RejectsOnce(storage, config, CPU, consumer="w")
+    second = _two_steps(storage, subset, worker, {**_SECOND, "train_seconds": 1e-6})
     meta = storage.versions.metadata(2)
     cut, report = meta["rejected_when_cut"], meta["report"]
     # A microsecond keeps the recipe's one epoch; the second try trains the whole budget.
@@ -195,11 +194,7 @@ def test_a_cut_version_the_gate_rejects_is_trained_again_without_the_bound(
     )
     try:
         plain = Worker(free, config.model_copy(update={"train_seconds": 0.0}), CPU, consumer="w")
-        plain.ensure_initial_version()
-        free.jobs.submit(*_samples(subset, [0, 1], 100))
-        assert plain.run(once=True) == 1
-        free.jobs.submit(*_samples(subset, [2, 3], 100), overrides={"min_steps": 28})
-        assert plain.run(once=True) == 1
+        _two_steps(free, subset, plain, _SECOND)
         a, b = storage.versions.load(2)[0], free.versions.load(2)[0]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert "rejected_when_cut" not in free.versions.metadata(2)
@@ -209,15 +204,11 @@ def test_a_cut_version_the_gate_rejects_is_trained_again_without_the_bound(
 
 @pytest.mark.integration
 def test_a_rejected_version_the_bound_did_not_cut_is_not_trained_again(env, subset):  # noqa: F811
-    config = _config(epochs=1).model_copy(update={"gate": GATED})
     storage = _storage(env)
-    worker = _RejectsNext(storage, config, CPU, consumer="w")
-    worker.ensure_initial_version()
-    storage.jobs.submit(*_samples(subset, [0, 1], 100))
-    assert worker.run(once=True) == 1
-    worker.reject_next = True
-    second = storage.jobs.submit(*_samples(subset, [2, 3], 100), overrides={"min_steps": 28})
-    assert worker.run(once=True) == 1
+    config = _config(epochs=1).model_copy(update={"gate": GATED})
+    worker = _RejectsOnce(storage, config, CPU, consumer="w")
+    # A bound of a day: set, and never reached however slow the machine.
+    second = _two_steps(storage, subset, worker, {**_SECOND, "train_seconds": 86_400})
     status = storage.jobs.status(second)
     assert status.state == "rejected" and status.gate["reasons"] == ["by the test"]
     meta = storage.versions.metadata(2)
